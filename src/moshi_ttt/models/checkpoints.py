@@ -1,0 +1,172 @@
+"""Loading Moshi checkpoints into TTT models, and saving TTT models.
+
+A saved TTT model directory is a Moshi checkpoint plus two things:
+
+    config.json         moshi's config, with "ttt" (the TTTConfig) and "ttt_name"
+    model.safetensors   every weight that plain Moshi has, loadable by moshi itself
+    ttt.safetensors     the In-Place TTT parameters (the target generators)
+
+so moshi's own loader reads the first two, and `load_ttt_lm` adds the third.
+"""
+
+import dataclasses
+import json
+import typing as tp
+from pathlib import Path
+
+import torch
+from moshi.models import loaders
+from moshi.models.lm import LMModel
+from safetensors.torch import load_file, save_file
+
+from ..utils.atomic import atomic_dir, atomic_file
+from .config import TTTConfig
+from .convert import apply_ttt
+
+TTT_WEIGHTS_NAME = "ttt.safetensors"
+# moshi's own loader, kept before anything (such as `moshi-ttt serve`) routes it here.
+_moshi_get_moshi = loaders.CheckpointInfo.get_moshi
+TTT_KEY = ".ttt_target."
+
+
+def is_ttt_key(key: str) -> bool:
+    return TTT_KEY in key
+
+
+def ttt_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The In-Place TTT parameters of a model, by state-dict key."""
+    return {k: v for k, v in model.state_dict().items() if is_ttt_key(k)}
+
+
+def save_ttt_weights(model: LMModel, path: str | Path) -> None:
+    """Write the TTT parameters alone (safetensors, with the TTTConfig as metadata)."""
+    config = getattr(model, "ttt_config", None)
+    if config is None:
+        raise ValueError("this model has no In-Place TTT layers (apply_ttt was not called)")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in ttt_state_dict(model).items()}
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"ttt_config": config.to_json()})
+
+
+def load_ttt_weights(model: LMModel, path: str | Path) -> None:
+    """Load TTT parameters saved by `save_ttt_weights`; every key must match exactly."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"TTT weights not found: {path}")
+    expected = ttt_state_dict(model)
+    if not expected:
+        raise ValueError("this model has no In-Place TTT layers (apply_ttt was not called)")
+    some = next(iter(expected.values()))
+    state = load_file(str(path), device=str(some.device))
+    _check_keys_and_shapes(expected, state, path)
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False)
+
+
+def save_ttt_lm(model: LMModel, directory: str | Path) -> None:
+    """Write a whole TTT model directory (see the module docstring), atomically."""
+    config = getattr(model, "ttt_config", None)
+    moshi_config = getattr(model, "moshi_config", None)
+    if config is None:
+        raise ValueError("this model has no In-Place TTT layers (apply_ttt was not called)")
+    if moshi_config is None:
+        raise ValueError("this LMModel does not record the moshi config it was built with; "
+                         "load it with load_ttt_lm or build it with build_lm")
+    plain = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not is_ttt_key(k)}
+    full_config = dict(moshi_config, moshi_name=loaders.MOSHI_NAME, ttt_name=TTT_WEIGHTS_NAME,
+                       ttt=config.to_dict())
+    with atomic_dir(directory) as tmp:
+        save_file(plain, str(tmp / loaders.MOSHI_NAME))
+        save_ttt_weights(model, tmp / TTT_WEIGHTS_NAME)
+        (tmp / "config.json").write_text(json.dumps(full_config, indent=2))
+
+
+def load_ttt_lm(source: str | Path, ttt: TTTConfig | None = None, *,
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
+                moshi_weights: str | Path | None = None, config_path: str | Path | None = None,
+                ) -> LMModel:
+    """A TTT Moshi from a saved TTT directory, or from a plain Moshi checkpoint and `ttt`.
+
+    `source` is a local directory (with config.json) or, when online, a Hugging
+    Face repository. From a plain checkpoint every Moshi weight is loaded and only
+    the TTT parameters are initialised, as `ttt.init` says.
+    """
+    info = checkpoint_info(source, moshi_weights=moshi_weights, config_path=config_path)
+    return lm_from_checkpoint_info(info, ttt, device=device, dtype=dtype)
+
+
+def lm_from_checkpoint_info(info: loaders.CheckpointInfo, ttt: TTTConfig | None = None, *,
+                            device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
+                            **get_moshi_kwargs: tp.Any) -> LMModel:
+    """`load_ttt_lm` from a moshi `CheckpointInfo` (as moshi's own scripts build it)."""
+    lm_config = dict(info.lm_config) if info.lm_config is not None else dict(loaders._lm_kwargs)
+    saved_ttt = lm_config.pop("ttt", None)
+    ttt_name = lm_config.pop("ttt_name", TTT_WEIGHTS_NAME)
+    if saved_ttt is not None and ttt is not None:
+        raise ValueError(f"{info.moshi_weights} belongs to a TTT model (its config.json has 'ttt'); "
+                         "load it without a TTTConfig")
+    if saved_ttt is None and ttt is None:
+        raise ValueError(f"{info.moshi_weights} is a plain Moshi checkpoint: "
+                         "pass the TTTConfig to convert it with")
+    info = dataclasses.replace(info, lm_config=lm_config)
+    try:
+        lm = _moshi_get_moshi(info, device=device, dtype=dtype, **get_moshi_kwargs)
+    except RuntimeError as error:
+        raise ValueError(f"cannot load the Moshi weights {info.moshi_weights}: {error}") from error
+    raw = dict(info.raw_config) if info.raw_config is not None else dict(lm_config)
+    for key in ("ttt", "ttt_name"):
+        raw.pop(key, None)
+    lm.moshi_config = raw
+    if saved_ttt is None:
+        return apply_ttt(lm, ttt)
+    apply_ttt(lm, TTTConfig.from_dict(saved_ttt))
+    load_ttt_weights(lm, Path(info.moshi_weights).parent / ttt_name)
+    return lm
+
+
+def checkpoint_info(source: str | Path, *, moshi_weights: str | Path | None = None,
+                    config_path: str | Path | None = None, mimi_weights: str | Path | None = None,
+                    tokenizer: str | Path | None = None) -> loaders.CheckpointInfo:
+    """moshi's `CheckpointInfo` for a local checkpoint directory or a Hugging Face repo.
+
+    In a directory, the files config.json names are looked up in the directory itself;
+    the keyword arguments override them.
+    """
+    path = Path(source)
+    if not path.is_dir():
+        if path.exists() or str(source).startswith((".", "/")):
+            raise FileNotFoundError(f"{source}: expected a checkpoint directory or a Hugging Face repo id")
+        return loaders.CheckpointInfo.from_hf_repo(str(source), moshi_weights=moshi_weights,
+                                                   mimi_weights=mimi_weights, tokenizer=tokenizer,
+                                                   config_path=config_path)
+    config_file = Path(config_path) if config_path is not None else path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in the checkpoint directory {path}")
+    raw: dict[str, tp.Any] = json.loads(config_file.read_text())
+
+    def local(key: str, default: str) -> Path:
+        return path / raw.get(key, default)
+
+    weights = Path(moshi_weights) if moshi_weights is not None else local("moshi_name", loaders.MOSHI_NAME)
+    if not weights.is_file():
+        raise FileNotFoundError(f"Moshi weights not found: {weights}")
+    optional = {arg: path / raw[key] for key, arg in
+                (("mimi_config_name", "mimi_config_path"), ("lora_name", "lora_weights")) if key in raw}
+    return loaders.CheckpointInfo.from_hf_repo(
+        str(path), moshi_weights=weights,
+        mimi_weights=mimi_weights if mimi_weights is not None else local("mimi_name", loaders.MIMI_NAME),
+        tokenizer=tokenizer if tokenizer is not None else local("tokenizer_name", loaders.TEXT_TOKENIZER_NAME),
+        config_path=config_file, **optional)
+
+
+def _check_keys_and_shapes(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor],
+                           path: Path) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: TTT weights do not match the model: "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for key, value in found.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, "
+                             f"the model expects {tuple(expected[key].shape)}")

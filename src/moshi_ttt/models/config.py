@@ -1,0 +1,145 @@
+"""`TTTConfig`: which layers of Moshi get In-Place TTT, and how it behaves.
+
+A plain dataclass that round-trips through dicts, JSON and YAML; every value is
+checked, and an error names the field.
+"""
+
+import dataclasses
+import json
+import typing as tp
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ..modules.targets import TARGET_INITS
+
+X0Source = tp.Literal["input", "text", "hidden"]
+X0_SOURCES: tuple[str, ...] = tp.get_args(X0Source)
+
+
+@dataclass
+class TTTConfig:
+    """In-Place TTT settings for the main transformer (the depformer is never converted).
+
+    Attributes:
+        layers: explicit layer indices; when None, `start, start+every, ...`.
+        start, every: the paper's default is every 6th layer from layer 0.
+        chunk_size: frames per fast-weight update (512 frames = 41 s at 12.5 Hz).
+        eta: fast-weight learning rate.
+        kernel_size: the target conv reads frames t .. t+K-1.
+        init, init_std: target generator init ("warm", "next_token", "normal").
+        clip_tau: Frobenius-norm clip of each chunk's update, None for no clip.
+        x0_source: the embeddings X0 the targets are made from: "input" (the sum of
+            every stream's embedding, the transformer's input), "text" (the text
+            stream's embedding only) or "hidden" (the layer's own MLP input).
+    """
+
+    layers: list[int] | None = None
+    start: int = 0
+    every: int = 6
+    chunk_size: int = 512
+    eta: float = 1.0
+    kernel_size: int = 2
+    init: str = "warm"
+    init_std: float = 0.02
+    clip_tau: float | None = None
+    x0_source: str = "input"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.layers is not None:
+            if not isinstance(self.layers, (list, tuple)) or not self.layers:
+                raise ValueError(f"ttt.layers={self.layers!r}: expected a non-empty list of layer indices or null")
+            for i in self.layers:
+                _check_int("layers[...]", i, minimum=0)
+            if len(set(self.layers)) != len(self.layers):
+                raise ValueError(f"ttt.layers={self.layers!r}: a layer index is repeated")
+            self.layers = sorted(int(i) for i in self.layers)
+        _check_int("start", self.start, minimum=0)
+        _check_int("every", self.every, minimum=1)
+        _check_int("chunk_size", self.chunk_size, minimum=1)
+        _check_int("kernel_size", self.kernel_size, minimum=1)
+        _check_number("eta", self.eta, minimum=0.0)
+        _check_number("init_std", self.init_std, minimum=0.0, strict=True)
+        if self.clip_tau is not None:
+            _check_number("clip_tau", self.clip_tau, minimum=0.0, strict=True)
+        if self.init not in TARGET_INITS:
+            raise ValueError(f"ttt.init={self.init!r}: expected one of {TARGET_INITS}")
+        if self.init == "next_token" and self.kernel_size < 2:
+            raise ValueError(f"ttt.kernel_size={self.kernel_size}: init 'next_token' needs kernel_size >= 2")
+        if self.x0_source not in X0_SOURCES:
+            raise ValueError(f"ttt.x0_source={self.x0_source!r}: expected one of {X0_SOURCES}")
+
+    def layer_indices(self, num_layers: int) -> list[int]:
+        """The converted layers of a transformer with `num_layers` layers."""
+        if self.layers is None:
+            chosen = list(range(self.start, num_layers, self.every))
+            if not chosen:
+                raise ValueError(f"ttt.start={self.start} selects no layer of a {num_layers}-layer transformer")
+            return chosen
+        out_of_range = [i for i in self.layers if i >= num_layers]
+        if out_of_range:
+            raise ValueError(f"ttt.layers={self.layers}: {out_of_range} out of range for "
+                             f"a transformer with {num_layers} layers (0 .. {num_layers - 1})")
+        return list(self.layers)
+
+    def layer_kwargs(self) -> dict[str, tp.Any]:
+        """Keyword arguments of `InPlaceTTTGating` that this config sets."""
+        return dict(chunk_size=self.chunk_size, eta=self.eta, kernel_size=self.kernel_size,
+                    clip_tau=self.clip_tau, init=self.init, init_std=self.init_std)
+
+    def to_dict(self) -> dict[str, tp.Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: tp.Mapping[str, tp.Any]) -> "TTTConfig":
+        if not isinstance(data, tp.Mapping):
+            raise ValueError(f"ttt config must be a mapping, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"unknown ttt config field(s) {unknown}: expected some of {names}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TTTConfig":
+        return cls.from_dict(json.loads(text))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "TTTConfig":
+        return cls.from_dict(yaml.safe_load(text) or {})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TTTConfig":
+        """Read a .json, .yaml or .yml file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ttt config file not found: {path}")
+        text = path.read_text()
+        if path.suffix == ".json":
+            return cls.from_json(text)
+        if path.suffix in (".yaml", ".yml"):
+            return cls.from_yaml(text)
+        raise ValueError(f"ttt config file {path}: expected a .json, .yaml or .yml file")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"ttt.{name}={value!r}: expected an integer >= {minimum}")
+
+
+def _check_number(name: str, value, minimum: float, strict: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    ok = ok and value != float("inf") and (value > minimum if strict else value >= minimum)
+    if not ok:
+        relation = ">" if strict else ">="
+        raise ValueError(f"ttt.{name}={value!r}: expected a finite number {relation} {minimum}")

@@ -1,0 +1,124 @@
+"""`apply_ttt`: turn chosen MLPs of a moshi `LMModel` into In-Place TTT layers.
+
+The conversion swaps `layer.gating` for an `InPlaceTTTGating` holding the same
+linear modules, and routes the token embeddings X0 to it with forward hooks,
+so `LMModel.forward`, `forward_text` and `LMGen` run unchanged:
+
+- a pre-hook on the main transformer passes X0 as the keyword `ttt_x0`, which
+  `StreamingTransformer` hands to every layer (and activation checkpointing
+  saves with the layer's other inputs);
+- a pre-hook on each layer takes `ttt_x0` out of the call and, on TTT layers,
+  leaves it with the gating, whose own pre-hook passes it as the second input.
+
+Hooks are `functools.partial`s of modules, so `copy.deepcopy` keeps them consistent.
+"""
+
+import functools
+import typing as tp
+
+import torch
+from torch import nn
+from moshi.models.lm import LMModel
+from moshi.modules.gating import ActivationGating
+
+from ..modules import InPlaceTTTGating
+from .config import TTTConfig
+
+X0_KWARG = "ttt_x0"
+
+
+def apply_ttt(lm_model: LMModel, config: TTTConfig) -> LMModel:
+    """Convert `lm_model` in place and return it; every pretrained weight is kept."""
+    if not isinstance(lm_model, LMModel):
+        raise TypeError(f"apply_ttt expects a moshi LMModel, got {type(lm_model).__name__}")
+    if getattr(lm_model, "ttt_config", None) is not None:
+        raise ValueError("this LMModel already has In-Place TTT layers")
+    layers = lm_model.transformer.layers
+    indices = config.layer_indices(len(layers))
+    for i in indices:
+        gating = layers[i].gating
+        if not isinstance(gating, ActivationGating):
+            raise TypeError(f"transformer layer {i}: expected an ActivationGating MLP, "
+                            f"got {type(gating).__name__}")
+        layers[i].gating = InPlaceTTTGating.from_gating(gating, **config.layer_kwargs())
+    _route_embeddings(lm_model, config.x0_source)
+    lm_model.ttt_config = config
+    return lm_model
+
+
+def ttt_layers(model: nn.Module) -> list[tuple[str, InPlaceTTTGating]]:
+    """(name, layer) of every In-Place TTT layer of a model."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, InPlaceTTTGating)]
+
+
+def set_ttt_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every TTT layer between In-Place TTT and the plain MLP (same weights)."""
+    for _, layer in ttt_layers(model):
+        layer.ttt_enabled = enabled
+
+
+def _route_embeddings(lm_model: LMModel, source: str) -> None:
+    transformer = lm_model.transformer
+    if source == "hidden":
+        for _, gating in ttt_layers(transformer):
+            gating.register_forward_pre_hook(_hidden_as_embeddings)
+        return
+    if source == "text":
+        lm_model.text_emb.register_forward_hook(_keep_output)
+        provider = functools.partial(_take_kept_output, lm_model.text_emb)
+    else:
+        provider = _first_input
+    transformer.register_forward_pre_hook(
+        functools.partial(_pass_embeddings, provider), with_kwargs=True)
+    for layer in transformer.layers:
+        layer.register_forward_pre_hook(_hand_embeddings_to_gating, with_kwargs=True)
+        if isinstance(layer.gating, InPlaceTTTGating):
+            layer.gating.register_forward_pre_hook(_add_routed_embeddings)
+            layer.register_forward_hook(_drop_routed_embeddings)
+
+
+def _first_input(args: tuple) -> torch.Tensor:
+    return args[0]
+
+
+def _keep_output(module: nn.Module, args, output: torch.Tensor) -> None:
+    module._ttt_kept_output = output
+
+
+def _take_kept_output(module: nn.Module, args: tuple) -> torch.Tensor:
+    output = getattr(module, "_ttt_kept_output", None)
+    if output is None:
+        raise RuntimeError("x0_source='text' found no text embedding: call the model through "
+                           "LMModel.forward or forward_text")
+    module._ttt_kept_output = None
+    return output
+
+
+def _pass_embeddings(provider: tp.Callable, module: nn.Module, args: tuple, kwargs: dict):
+    kwargs[X0_KWARG] = provider(args)
+    return args, kwargs
+
+
+def _hand_embeddings_to_gating(layer: nn.Module, args: tuple, kwargs: dict):
+    x0 = kwargs.pop(X0_KWARG, None)
+    if isinstance(layer.gating, InPlaceTTTGating):
+        layer.gating._routed_x0 = x0
+    return args, kwargs
+
+
+def _add_routed_embeddings(gating: InPlaceTTTGating, args: tuple):
+    if len(args) != 1:
+        return None
+    x0 = getattr(gating, "_routed_x0", None)
+    if x0 is None:
+        raise RuntimeError("In-Place TTT layer called without token embeddings: run the model "
+                           "through LMModel.forward / forward_text, or call the layer as layer(x, x0)")
+    return args[0], x0
+
+
+def _drop_routed_embeddings(layer: nn.Module, args, output) -> None:
+    layer.gating._routed_x0 = None
+
+
+def _hidden_as_embeddings(gating: InPlaceTTTGating, args: tuple):
+    return (args[0], args[0]) if len(args) == 1 else None

@@ -1,0 +1,175 @@
+"""Per-sample streaming state of In-Place TTT, and its one-token update rule.
+
+The fast weight of sample b is `W0 + eta * delta[b]` (plus the pending chunk
+below); `delta` is float32 and never a parameter. A token step must work under
+moshi's CUDA graphs, where a Python branch is frozen at capture, so the step
+has no branch on data and a constant cost:
+
+- The tokens of the current chunk are buffered (Z and targets V) in one half
+  of a two-chunk ring; when the chunk completes, the halves swap roles.
+- The completed previous chunk is folded into `delta` over the C steps of the
+  next chunk, ceil(d / C) rows of `delta` per step. Until a row is folded, its
+  contribution reaches the output through the dual form
+  `(z Z_prev^T) V_prev`, so every token of chunk i sees exactly the updates of
+  chunks < i, as in the parallel form.
+- Targets are computed as the embeddings arrive; the target of position q is
+  final once position q+K-1 (or the chunk's end) is seen. The squared norm of
+  the chunk's delta, for the clip, accumulates the same way.
+
+Every write is masked by `exec_mask` and done in place, as CUDA graphs need.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from moshi.modules.streaming import State
+
+from ..ops import clip_scales
+
+
+@dataclass
+class FastWeightState(State):
+    delta: torch.Tensor         # [B, d, h] folded chunk deltas (clipped, not eta-scaled)
+    z_ring: torch.Tensor        # [B, 2C, h] Z of the previous and the current chunk
+    v_ring: torch.Tensor        # [B, 2C, d] targets, same rows
+    x0_tail: torch.Tensor       # [B, K-1, d] embeddings of the K-1 positions before this one
+    pos: torch.Tensor           # [B] position in the current chunk
+    slot: torch.Tensor          # [B] ring half holding the current chunk (0 or 1)
+    prev_scale: torch.Tensor    # [B] clip factor of the previous chunk, 0 when there is none
+    cur_sq_norm: torch.Tensor   # [B] ||V^T Z||_F^2 over the final rows of the current chunk
+
+    @classmethod
+    def zeros(cls, batch_size: int, dim: int, hidden: int, chunk_size: int, kernel_size: int,
+              device: torch.device, dtype: torch.dtype) -> "FastWeightState":
+        def z(*shape, dt=dtype):
+            return torch.zeros(*shape, device=device, dtype=dt)
+        return cls(
+            batch_size, device,
+            delta=z(batch_size, dim, hidden),
+            z_ring=z(batch_size, 2 * chunk_size, hidden),
+            v_ring=z(batch_size, 2 * chunk_size, dim),
+            x0_tail=z(batch_size, kernel_size - 1, dim),
+            pos=z(batch_size, dt=torch.long),
+            slot=z(batch_size, dt=torch.long),
+            prev_scale=z(batch_size),
+            cur_sq_norm=z(batch_size),
+        )
+
+    @property
+    def chunk_size(self) -> int:
+        return self.z_ring.shape[1] // 2
+
+    def reset(self, reset_mask: torch.Tensor) -> None:
+        super().reset(reset_mask)
+        for t in (self.delta, self.z_ring, self.v_ring, self.x0_tail, self.pos,
+                  self.slot, self.prev_scale, self.cur_sq_norm):
+            mask = reset_mask.view(-1, *([1] * (t.dim() - 1)))
+            t.masked_fill_(mask, 0)
+
+    def _prev_rows(self) -> torch.Tensor:
+        """[B, 2C] bool: the ring rows holding the previous chunk."""
+        C = self.chunk_size
+        ring_half = torch.arange(2 * C, device=self.pos.device) // C
+        return ring_half[None] != self.slot[:, None]
+
+    def pending_delta(self) -> torch.Tensor:
+        """[B, d, h]: the part of the previous chunk's delta not yet folded."""
+        C = self.chunk_size
+        dim = self.delta.shape[1]
+        rows_per_step = -(-dim // C)
+        coef = self._prev_rows() * self.prev_scale[:, None]
+        full = (self.v_ring * coef[..., None]).transpose(1, 2) @ self.z_ring
+        unfolded = torch.arange(dim, device=full.device)[None] >= (self.pos * rows_per_step)[:, None]
+        return full * unfolded[..., None]
+
+    def settle(self) -> None:
+        """Fold the rest of the previous chunk now (eager only: outside CUDA graphs)."""
+        run = self.exec_mask
+        self.delta.add_(self.pending_delta() * run[:, None, None])
+        self.prev_scale.masked_fill_(run, 0)
+
+    def absorb(self, z: torch.Tensor, v_clipped: torch.Tensor) -> None:
+        """Add the deltas of whole chunks (z: [B, L, h], clip-scaled v: [B, L, d])."""
+        run = self.exec_mask[:, None, None]
+        self.delta.add_((v_clipped.transpose(1, 2) @ z.to(v_clipped.dtype)) * run)
+
+    def step(self, z: torch.Tensor, x0: torch.Tensor, targets, eta: float,
+             clip_tau: float | None) -> torch.Tensor:
+        """Advance by one token. z: [B, h], x0: [B, d] -> fast-weight term [B, d].
+
+        `targets` is the layer's `LMAlignedTargets`. The result is the token's
+        `eta * z (delta + updates not yet folded)^T`, in the state's dtype.
+        """
+        B, dim, hidden = self.delta.shape
+        C = self.chunk_size
+        K = self.x0_tail.shape[1] + 1
+        dev = z.device
+        cd = self.delta.dtype
+        zf, x0f = z.to(cd), x0.to(cd)
+        run = self.exec_mask
+        p = self.pos
+        rows_per_step = -(-dim // C)
+        ring = torch.arange(2 * C, device=dev)
+        is_prev = self._prev_rows()
+        cur_start = self.slot * C
+
+        # Fold rows [p * r, (p + 1) * r) of the previous chunk's delta.
+        fold_rows = p[:, None] * rows_per_step + torch.arange(rows_per_step, device=dev)[None]
+        valid_rows = fold_rows < dim
+        fold_rows = fold_rows.clamp(max=dim - 1)
+        coef = is_prev * (self.prev_scale * run)[:, None]
+        v_cols = torch.gather(self.v_ring, 2, fold_rows[:, None, :].expand(B, 2 * C, rows_per_step))
+        folded = (v_cols * coef[..., None]).transpose(1, 2) @ self.z_ring
+        folded = folded * valid_rows[..., None]
+        self.delta.scatter_add_(1, fold_rows[..., None].expand(B, rows_per_step, hidden), folded)
+
+        # The token's output: folded rows from delta, the others in dual form.
+        out = (self.delta @ zf[..., None]).squeeze(-1)
+        scores = (self.z_ring @ zf[..., None]).squeeze(-1) * is_prev * self.prev_scale[:, None]
+        pending = (scores[:, None, :] @ self.v_ring).squeeze(1)
+        n_folded = (p + run.long()) * rows_per_step
+        unfolded = torch.arange(dim, device=dev)[None] >= n_folded[:, None]
+        out = eta * (out + pending * unfolded)
+
+        # Buffer z at its ring row.
+        _masked_write_row(self.z_ring, cur_start + p, zf, run)
+
+        # Targets of positions p-K+1 .. p from the embeddings seen so far.
+        window = torch.cat([self.x0_tail, x0f[:, None]], dim=1)
+        v_rows = targets.partial_rows(window).to(cd)  # row j: position p - j
+        row_pos = p[:, None] - torch.arange(K, device=dev)[None]  # [B, K]
+        row_ok = row_pos >= 0
+        for j in range(K):
+            _masked_write_row(self.v_ring, cur_start + row_pos[:, j].clamp(min=0), v_rows[:, j],
+                              run & row_ok[:, j])
+
+        at_end = run & (p == C - 1)
+        if clip_tau is not None:
+            # Gram terms of each candidate row q against the current chunk's rows < q.
+            z_rows = torch.gather(
+                self.z_ring, 1, (cur_start[:, None] + row_pos.clamp(min=0))[..., None].expand(B, K, hidden))
+            gram = (v_rows @ self.v_ring.transpose(1, 2)) * (z_rows @ self.z_ring.transpose(1, 2))
+            earlier = (~is_prev)[:, None, :] & ((ring % C)[None, None, :] < row_pos[..., None])
+            diag = v_rows.square().sum(-1) * z_rows.square().sum(-1)
+            terms = (2 * (gram * earlier).sum(-1) + diag) * row_ok  # [B, K]
+            # Row p-K+1 becomes final now; at the chunk's end all K rows are.
+            sq_norm_now = self.cur_sq_norm + terms[:, K - 1]
+            sq_norm_at_end = self.cur_sq_norm + terms.sum(-1)
+            end_scale = clip_scales(sq_norm_at_end, eta, clip_tau)
+            self.cur_sq_norm.copy_(torch.where(at_end, 0.0, torch.where(run, sq_norm_now, self.cur_sq_norm)))
+            self.prev_scale.copy_(torch.where(at_end, end_scale, self.prev_scale))
+        else:
+            self.prev_scale.masked_fill_(at_end, 1.0)
+
+        self.slot.copy_(torch.where(at_end, 1 - self.slot, self.slot))
+        self.pos.copy_(torch.where(run, (p + 1) % C, p))
+        self.x0_tail.copy_(torch.where(run[:, None, None], window[:, 1:], self.x0_tail))
+        return out
+
+
+def _masked_write_row(buffer: torch.Tensor, rows: torch.Tensor, values: torch.Tensor,
+                      mask: torch.Tensor) -> None:
+    """buffer[b, rows[b]] = values[b] where mask[b]; one row per sample, in place."""
+    index = rows[:, None, None].expand(-1, 1, buffer.shape[-1])
+    old = torch.gather(buffer, 1, index)
+    buffer.scatter_(1, index, torch.where(mask[:, None, None], values[:, None].to(buffer.dtype), old))

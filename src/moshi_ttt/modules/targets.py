@@ -1,0 +1,85 @@
+"""LM-aligned targets of In-Place TTT: `V = Conv1D_K(X0) W_target^T`.
+
+X0 are token embeddings. The convolution is depthwise and looks forward: the
+target at position t mixes the embeddings of tokens t .. t+K-1, so with K=2 the
+fast weights are pushed towards the next token. It is zero-padded at the end of
+every chunk, so a chunk's update reads no token past the chunk.
+"""
+
+import typing as tp
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import chunked_future_conv, compute_dtype
+
+TargetInit = tp.Literal["warm", "next_token", "normal"]
+TARGET_INITS: tuple[str, ...] = tp.get_args(TargetInit)
+
+
+class LMAlignedTargets(nn.Module):
+    """The target generator: a depthwise conv `conv` ([d, K]) then `proj` (d x d).
+
+    Init modes:
+      - "warm": conv = 0, proj = identity. V = 0, so the layer starts exactly as
+        the plain MLP, and the conv still gets a gradient through proj.
+      - "next_token": the paper's next-token target, proj = identity and the conv
+        copies the next token's embedding (tap 1); needs kernel_size >= 2.
+      - "normal": conv taps and proj entries drawn from N(0, init_std^2).
+    """
+
+    def __init__(self, dim: int, kernel_size: int, init: TargetInit = "warm",
+                 init_std: float = 0.02, device=None, dtype=None):
+        super().__init__()
+        self.conv = nn.Parameter(torch.empty(dim, kernel_size, device=device, dtype=dtype))
+        self.proj = nn.Linear(dim, dim, bias=False, device=device, dtype=dtype)
+        self.reset_parameters(init, init_std)
+
+    @property
+    def kernel_size(self) -> int:
+        return self.conv.shape[1]
+
+    @torch.no_grad()
+    def reset_parameters(self, init: TargetInit, init_std: float = 0.02) -> None:
+        if init not in TARGET_INITS:
+            raise ValueError(f"init={init!r}: expected one of {TARGET_INITS}")
+        if init == "normal":
+            nn.init.normal_(self.conv, std=init_std)
+            nn.init.normal_(self.proj.weight, std=init_std)
+            return
+        self.conv.zero_()
+        nn.init.eye_(self.proj.weight)
+        if init == "next_token":
+            if self.kernel_size < 2:
+                raise ValueError(
+                    f"init='next_token' needs kernel_size >= 2 to reach the next token, "
+                    f"got kernel_size={self.kernel_size}")
+            self.conv[:, 1] = 1.0
+
+    def project(self, conv_out: torch.Tensor) -> torch.Tensor:
+        """Apply W_target in the module's dtype (like any other linear of the model)."""
+        return F.linear(conv_out.to(self.proj.weight.dtype), self.proj.weight)
+
+    def forward(self, x0: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        """x0: [B, T, d] -> V: [B, T, d], chunk by chunk."""
+        cd = compute_dtype(x0.dtype)
+        conv_out = chunked_future_conv(x0.to(cd), self.conv.to(cd), chunk_size)
+        return self.project(conv_out)
+
+    def partial_rows(self, window: torch.Tensor) -> torch.Tensor:
+        """Targets of the last K positions from the K embeddings seen so far.
+
+        window: [B, K, d], the embeddings at positions p-K+1 .. p (compute dtype).
+        Row j of the result is the target of position p-j, with the taps past p
+        left at zero: its final value if the chunk ends at p, else a partial one.
+        """
+        K = self.kernel_size
+        w = self.conv.to(window.dtype)
+        rows = []
+        for j in range(K):
+            row = window[:, K - 1 - j] * w[:, 0]
+            for k in range(1, j + 1):
+                row = row + window[:, K - 1 - j + k] * w[:, k]
+            rows.append(row)
+        return self.project(torch.stack(rows, dim=1))

@@ -1,0 +1,199 @@
+"""`InPlaceTTTGating`: moshi's gated MLP with a test-time-trained down-projection.
+
+A drop-in replacement for `moshi.modules.gating.ActivationGating`: the same
+`linear_in` ([W_gate; W_up]) and `linear_out` (W0 = W_down) parameters, so a
+pretrained layer loads as it is, plus the target generator `ttt_target`.
+
+    Z = act(H W_gate^T) * (H W_up^T)
+    O_[i] = Z_[i] (W0 + eta * sum_{j<i} c_j V_[j]^T Z_[j])^T,   V = Conv1D_K(X0) W_target^T
+
+Outside streaming, whole sequences go through the dual form (`ops`); inside
+`streaming(...)`, every sample keeps its own fast weights (`FastWeightState`).
+"""
+
+import typing as tp
+import warnings
+
+import torch
+from torch import nn
+from moshi.modules.gating import ActivationGating
+from moshi.modules.streaming import StreamingModule
+
+from ..ops import clipped_targets, compute_dtype, inplace_ttt_update
+from .fast_weights import FastWeightState
+from .targets import LMAlignedTargets, TargetInit
+
+
+class TTTInactiveWarning(UserWarning):
+    """Training sequences that fit in one chunk: TTT has no earlier chunk to learn from."""
+
+
+class InPlaceTTTGating(StreamingModule[FastWeightState]):
+    """Gated MLP whose down-projection adapts chunk by chunk to the sequence.
+
+    Args:
+        dim: model dimension d.
+        hidden: MLP hidden size h (`linear_in` is 2h x d, `linear_out` d x h).
+        activation: the gate's activation, as in moshi (e.g. `F.silu`).
+        chunk_size: C, tokens per fast-weight update.
+        eta: fast-weight learning rate; 0 makes the layer the plain MLP.
+        kernel_size: K, the target conv reads tokens t .. t+K-1.
+        clip_tau: if set, each chunk's update `eta * V^T Z` is scaled down to
+            Frobenius norm tau when it is larger (the paper evaluated with 1e-5).
+        init, init_std: how the target generator starts, see `LMAlignedTargets`.
+    """
+
+    def __init__(self, dim: int, hidden: int, activation: tp.Callable, *, chunk_size: int = 512,
+                 eta: float = 1.0, kernel_size: int = 2, clip_tau: float | None = None,
+                 init: TargetInit = "warm", init_std: float = 0.02, device=None, dtype=None):
+        super().__init__()
+        _check_positive_int("dim", dim)
+        _check_positive_int("hidden", hidden)
+        _check_positive_int("chunk_size", chunk_size)
+        _check_positive_int("kernel_size", kernel_size)
+        if not (eta >= 0 and eta < float("inf")):
+            raise ValueError(f"eta={eta!r}: expected a finite number >= 0")
+        if clip_tau is not None and not clip_tau > 0:
+            raise ValueError(f"clip_tau={clip_tau!r}: expected None (no clip) or a number > 0")
+        if not init_std > 0:
+            raise ValueError(f"init_std={init_std!r}: expected a number > 0")
+        self.dim = dim
+        self.hidden = hidden
+        self.linear_in = nn.Linear(dim, 2 * hidden, bias=False, device=device, dtype=dtype)
+        self.linear_out = nn.Linear(hidden, dim, bias=False, device=device, dtype=dtype)
+        self.activation = activation
+        self.ttt_target = LMAlignedTargets(dim, kernel_size, init, init_std, device=device, dtype=dtype)
+        self.chunk_size = chunk_size
+        self.eta = float(eta)
+        self.clip_tau = None if clip_tau is None else float(clip_tau)
+        self.ttt_enabled = True
+
+    @classmethod
+    def from_gating(cls, gating: nn.Module, **kwargs) -> "InPlaceTTTGating":
+        """Take over the linears of a moshi `ActivationGating` (shared, not copied)."""
+        if not isinstance(gating, ActivationGating):
+            raise TypeError(f"expected a moshi ActivationGating, got {type(gating).__name__}")
+        if not (isinstance(gating.linear_in, nn.Linear) and isinstance(gating.linear_out, nn.Linear)):
+            raise TypeError("quantized or LoRA-wrapped gating cannot be converted: "
+                            f"linear_in is {type(gating.linear_in).__name__}")
+        w_out = gating.linear_out.weight
+        layer = cls(w_out.shape[0], w_out.shape[1], gating.activation,
+                    device="meta", dtype=w_out.dtype, **kwargs)
+        layer.linear_in, layer.linear_out = gating.linear_in, gating.linear_out
+        layer.ttt_target.to_empty(device=w_out.device)
+        layer.ttt_target.reset_parameters(kwargs.get("init", "warm"), kwargs.get("init_std", 0.02))
+        return layer
+
+    @property
+    def kernel_size(self) -> int:
+        return self.ttt_target.kernel_size
+
+    @property
+    def ttt_active(self) -> bool:
+        return self.ttt_enabled and self.eta > 0
+
+    def extra_repr(self) -> str:
+        return (f"chunk_size={self.chunk_size}, eta={self.eta}, kernel_size={self.kernel_size}, "
+                f"clip_tau={self.clip_tau}, ttt_enabled={self.ttt_enabled}")
+
+    def _init_streaming_state(self, batch_size: int) -> FastWeightState:
+        weight = self.ttt_target.proj.weight
+        return FastWeightState.zeros(batch_size, self.dim, self.hidden, self.chunk_size,
+                                     self.kernel_size, weight.device, compute_dtype(weight.dtype))
+
+    def gated(self, x: torch.Tensor) -> torch.Tensor:
+        """Z = act(x W_gate^T) * (x W_up^T), [B, T, h]."""
+        h = self.linear_in(x)
+        B, T, _ = h.shape
+        h = h.view(B, T, 2, -1)
+        return self.activation(h[..., 0, :]) * h[..., 1, :]
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, d] MLP input (hidden states); x0: [B, T, d] token embeddings."""
+        self._check_inputs(x, x0)
+        z = self.gated(x)
+        out = self.linear_out(z)
+        if not self.ttt_active:
+            return out
+        if self._streaming_state is None:
+            update = self._parallel_update(z, x0)
+        else:
+            update = self._streaming_update(z, x0)
+        return (out.to(update.dtype) + update).to(out.dtype)
+
+    def _parallel_update(self, z: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        T = z.shape[1]
+        if self.training and T <= self.chunk_size:
+            warnings.warn(
+                f"In-Place TTT cannot act on a training sequence of {T} tokens with chunk_size="
+                f"{self.chunk_size}: a chunk only sees the updates of earlier chunks, so a sequence "
+                "that fits in one chunk gets the plain MLP and the target generator no gradient. "
+                "Use sequences longer than one chunk, or a smaller chunk_size.",
+                TTTInactiveWarning, stacklevel=2)
+        v = self.ttt_target(x0, self.chunk_size)
+        return inplace_ttt_update(z, v, self.chunk_size, self.eta, self.clip_tau)
+
+    def _streaming_update(self, z: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Fast-weight term of a streaming step of any length."""
+        state = self._streaming_state
+        assert state is not None
+        if z.shape[0] != state.batch_size:
+            raise ValueError(f"streaming with batch size {state.batch_size}, got a batch of {z.shape[0]}")
+        T = z.shape[1]
+        C = self.chunk_size
+        pieces = []
+        t = 0
+        start = self._common_position(state) if T > 1 else None
+        if start is not None:
+            # All samples at the same chunk position: step to the next chunk start,
+            # then take whole chunks in parallel, then step through the rest.
+            head = min((C - start) % C, T)
+            pieces += [self._step(state, z[:, i], x0[:, i]) for i in range(head)]
+            t = head
+            n_whole = (T - t) // C * C
+            if n_whole:
+                pieces.append(self._whole_chunks(state, z[:, t:t + n_whole], x0[:, t:t + n_whole]))
+                t += n_whole
+        pieces += [self._step(state, z[:, i], x0[:, i]) for i in range(t, T)]
+        return torch.cat(pieces, dim=1)
+
+    def _step(self, state: FastWeightState, z: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        return state.step(z, x0, self.ttt_target, self.eta, self.clip_tau)[:, None]
+
+    def _whole_chunks(self, state: FastWeightState, z: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Chunk-aligned tokens of every sample at once, from the state's fast weights."""
+        state.settle()
+        v = self.ttt_target(x0, self.chunk_size)
+        update = inplace_ttt_update(z, v, self.chunk_size, self.eta, self.clip_tau,
+                                    initial_delta=state.delta)
+        state.absorb(z, clipped_targets(z, v, self.chunk_size, self.eta, self.clip_tau))
+        return update
+
+    @staticmethod
+    def _common_position(state: FastWeightState) -> int | None:
+        """The chunk position shared by all samples, or None (or under graph capture)."""
+        if state.pos.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        positions = state.pos.unique()
+        return int(positions[0]) if positions.numel() == 1 else None
+
+    def _check_inputs(self, x: torch.Tensor, x0: torch.Tensor) -> None:
+        if not isinstance(x0, torch.Tensor):
+            raise TypeError(f"x0 (token embeddings) must be a tensor, got {type(x0).__name__}")
+        for name, t in (("x", x), ("x0", x0)):
+            if t.dim() != 3:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}: expected [batch, time, {self.dim}]")
+            if t.shape[-1] != self.dim:
+                raise ValueError(f"{name} has feature size {t.shape[-1]}: expected {self.dim}")
+        if x.shape[:2] != x0.shape[:2]:
+            raise ValueError(f"hidden states {tuple(x.shape)} and token embeddings {tuple(x0.shape)} "
+                             "must have the same batch and length")
+        if x.device != x0.device:
+            raise ValueError(f"hidden states on {x.device} but token embeddings on {x0.device}")
+        if x.shape[1] == 0:
+            raise ValueError("empty sequence: x has 0 time steps")
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r}: expected an integer >= 1")

@@ -1,0 +1,46 @@
+"""Files the tests make instead of downloading: checkpoints in moshi's format, a tokenizer."""
+
+import io
+import json
+import random
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from moshi.models import loaders
+from safetensors.torch import save_file
+
+from moshi_ttt import build_lm, tiny_lm_config, tiny_mimi_config
+
+
+def write_tokenizer(path: Path, vocab_size: int) -> Path:
+    """A BPE sentencepiece model trained on made-up words."""
+    rng = random.Random(0)
+    syllables = "ka lo mi ne su ta ri po de fu ga hi jo be zu wa ye qu xo vi".split()
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(400)]
+    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+                                   model_type="bpe", character_coverage=1.0, minloglevel=2)
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def write_plain_checkpoint(directory: Path, seed: int = 0, with_assets: bool = False,
+                           **config_overrides) -> Path:
+    """A random-weight Moshi checkpoint directory as moshi's loaders read it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lm_config = tiny_lm_config()
+    lm = build_lm(lm_config, seed=seed)
+    save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(directory / loaders.MOSHI_NAME))
+    config = dict(lm_config, **config_overrides)
+    if with_assets:
+        torch.manual_seed(seed)
+        mimi = loaders.get_mimi(None, tiny_mimi_config(lm_config["card"]))
+        save_file(mimi.state_dict(), str(directory / "mimi.safetensors"))
+        (directory / "mimi_config.json").write_text(json.dumps(tiny_mimi_config(lm_config["card"])))
+        write_tokenizer(directory / "tokenizer.model", lm_config["text_card"])
+        config.update(mimi_name="mimi.safetensors", mimi_config_name="mimi_config.json",
+                      tokenizer_name="tokenizer.model")
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory

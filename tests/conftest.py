@@ -1,0 +1,23 @@
+import os
+
+# moshi compiles its gating kernel lazily; on the CPU that only costs time.
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from moshi_ttt import InPlaceTTTGating  # noqa: E402
+
+
+@pytest.fixture
+def make_layer():
+    """A small float64 TTT layer with random target weights, seeded."""
+    def make(dim=8, hidden=12, chunk_size=4, eta=0.5, kernel_size=2, clip_tau=None,
+             init="normal", init_std=0.3, seed=0, dtype=torch.float64):
+        torch.manual_seed(seed)
+        layer = InPlaceTTTGating(dim, hidden, F.silu, chunk_size=chunk_size, eta=eta,
+                                 kernel_size=kernel_size, clip_tau=clip_tau, init=init,
+                                 init_std=init_std, dtype=dtype)
+        return layer.eval()
+    return make

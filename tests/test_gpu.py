@@ -1,0 +1,75 @@
+"""GPU behaviour: bf16 numerics and moshi's CUDA graphs. Needs a CUDA device."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from moshi.models.lm import LMGen
+from moshi.utils.compile import CUDAGraphed, no_cuda_graph
+
+from helpers import random_inputs, stream
+from moshi_ttt import InPlaceTTTGating, TTTConfig, build_lm, tiny_lm_config, ttt_layers
+from reference import reference_for_layer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def cuda_layer(dtype, chunk_size=16, clip_tau=None):
+    torch.manual_seed(0)
+    return InPlaceTTTGating(64, 176, F.silu, chunk_size=chunk_size, eta=0.05, clip_tau=clip_tau,
+                            init="normal", init_std=0.1, device="cuda", dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("clip_tau", [None, 0.5])
+def test_bf16_matches_reference(clip_tau):
+    layer = cuda_layer(torch.bfloat16, clip_tau=clip_tau)
+    x, x0 = (t.to("cuda", torch.bfloat16) for t in random_inputs(3, 5 * 16 + 3, 64))
+    ref = reference_for_layer(layer.cpu(), x.cpu(), x0.cpu())
+    layer.cuda()
+    out = layer(x, x0).double().cpu()
+    assert (out - ref).abs().max() <= 0.02 * ref.abs().max()
+    streamed = stream(layer, x, x0, [1]).double().cpu()
+    assert (streamed - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+@pytest.mark.parametrize("clip_tau", [None, 0.5])
+def test_token_step_under_cuda_graph(clip_tau):
+    """The step is captured once and replayed: every chunk update must still happen."""
+    layer = cuda_layer(torch.float32, chunk_size=8, clip_tau=clip_tau)
+    x, x0 = (t.to("cuda", torch.float32) for t in random_inputs(2, 6 * 8 + 3, 64))
+    eager = stream(layer, x, x0, [1])
+    step = CUDAGraphed(layer)
+    with layer.streaming(2):
+        graphed = torch.cat([step(x[:, t:t + 1], x0[:, t:t + 1]).clone() for t in range(x.shape[1])], dim=1)
+        assert step._graph is not None
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+
+
+def run_lmgen(lm, user_codes, graphs: bool, reset_at: int | None = None):
+    logits = []
+    gen = LMGen(lm, use_sampling=False, on_text_logits_hook=lambda t: logits.append(t.float().clone()))
+    B, _, steps = user_codes.shape
+    with torch.no_grad(), gen.streaming(B):
+        for t in range(steps):
+            if t == reset_at:
+                gen.reset_streaming(torch.tensor([False, True], device="cuda"))
+            if graphs:
+                gen.step(user_codes[:, :, t:t + 1])
+            else:
+                with no_cuda_graph():
+                    gen.step(user_codes[:, :, t:t + 1])
+        delta_norms = [layer._streaming_state.delta.norm().item() for _, layer in ttt_layers(lm)]
+    return torch.cat(logits, dim=2), delta_norms
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lmgen_cuda_graphs_match_eager(dtype):
+    ttt = TTTConfig(every=2, chunk_size=8, init="normal", init_std=0.05, eta=0.05, clip_tau=1.0)
+    lm = build_lm(tiny_lm_config(), ttt, device="cuda", dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    user_codes = torch.randint(0, lm.card, (2, lm.n_q - lm.dep_q, 60), generator=g).cuda()
+    eager, eager_norms = run_lmgen(lm, user_codes, graphs=False, reset_at=37)
+    graphed, graphed_norms = run_lmgen(lm, user_codes, graphs=True, reset_at=37)
+    assert min(eager_norms) > 0
+    torch.testing.assert_close(graphed_norms, eager_norms, rtol=1e-3, atol=1e-6)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(graphed, eager, rtol=tol, atol=tol)

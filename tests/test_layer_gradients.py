@@ -1,0 +1,63 @@
+"""Autograd through the dual form, the clip and the target generator."""
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from helpers import random_inputs
+from moshi_ttt import TTTInactiveWarning
+
+C = 3
+
+
+@pytest.mark.parametrize("clip_tau", [None, 0.05])
+@pytest.mark.parametrize("length", [2 * C + 1, 3 * C])
+def test_gradcheck_every_parameter(make_layer, clip_tau, length):
+    layer = make_layer(dim=4, hidden=6, chunk_size=C, kernel_size=2, clip_tau=clip_tau)
+    x, x0 = random_inputs(2, length, 4)
+    names = [n for n, _ in layer.named_parameters()]
+    assert names == ["linear_in.weight", "linear_out.weight", "ttt_target.conv", "ttt_target.proj.weight"]
+    params = [p.detach().clone().requires_grad_(True) for _, p in layer.named_parameters()]
+    x.requires_grad_(True)
+    x0.requires_grad_(True)
+
+    def f(x, x0, *params):
+        return functional_call(layer, dict(zip(names, params)), (x, x0))
+
+    assert torch.autograd.gradcheck(f, (x, x0, *params))
+
+
+def test_clip_binds_in_gradcheck_setting(make_layer):
+    """The clipped gradcheck above exercises the clip's own gradient."""
+    layer = make_layer(dim=4, hidden=6, chunk_size=C, clip_tau=0.05)
+    x, x0 = random_inputs(2, 3 * C, 4)
+    clipped = layer(x, x0)
+    layer.clip_tau = None
+    assert not torch.allclose(clipped, layer(x, x0))
+
+
+def target_grads(layer, length):
+    layer.zero_grad()
+    x, x0 = random_inputs(2, length, layer.dim)
+    layer(x, x0).square().sum().backward()
+    return [p.grad for p in layer.ttt_target.parameters()]
+
+
+@pytest.mark.parametrize("init", ["warm", "next_token", "normal"])
+def test_target_generator_learns_once_there_are_two_chunks(make_layer, init):
+    layer = make_layer(chunk_size=C, init=init).train()
+    conv_grad, _ = target_grads(layer, C + 1)
+    assert conv_grad.abs().amax() > 0
+    with pytest.warns(TTTInactiveWarning, match=f"{C} tokens with chunk_size={C}"):
+        grads = target_grads(layer, C)
+    assert all(g is None or not g.any() for g in grads)
+
+
+def test_no_warning_for_eval_or_longer_sequences(make_layer, recwarn):
+    layer = make_layer(chunk_size=C)
+    x, x0 = random_inputs(1, 2, layer.dim)
+    layer(x, x0)
+    layer.train()
+    x, x0 = random_inputs(1, C + 1, layer.dim)
+    layer(x, x0)
+    assert not [w for w in recwarn if issubclass(w.category, TTTInactiveWarning)]

@@ -1,0 +1,99 @@
+"""The parallel and streaming layer against the slow float64 reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from moshi.modules.gating import ActivationGating
+
+from helpers import random_inputs, stream
+from moshi_ttt import InPlaceTTTGating
+from reference import reference_for_layer
+
+C = 4
+
+
+@pytest.mark.parametrize("length", [3 * C, 3 * C + 2, C - 1], ids=["multiple", "ragged", "shorter"])
+@pytest.mark.parametrize("kernel_size", [1, 2, 3])
+@pytest.mark.parametrize("clip_tau", [None, 0.05])
+def test_parallel_matches_reference(make_layer, length, kernel_size, clip_tau):
+    layer = make_layer(chunk_size=C, kernel_size=kernel_size, clip_tau=clip_tau)
+    x, x0 = random_inputs(3, length, layer.dim)
+    out = layer(x, x0)
+    ref = reference_for_layer(layer, x, x0)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_reference_sees_the_updates(make_layer):
+    """Guards the comparisons above: TTT changes the output, and the clip binds."""
+    layer = make_layer(chunk_size=C)
+    x, x0 = random_inputs(3, 3 * C, layer.dim)
+    plain = reference_for_layer(make_layer(chunk_size=C, eta=0.0), x, x0)
+    free = reference_for_layer(layer, x, x0)
+    layer.clip_tau = 0.05
+    clipped = reference_for_layer(layer, x, x0)
+    assert (free - plain)[:, C:].abs().amax() > 1e-2
+    assert (free - clipped)[:, C:].abs().amax() > 1e-2
+    torch.testing.assert_close(free[:, :C], plain[:, :C], rtol=0, atol=1e-12)
+
+
+def test_float32_layer_matches_reference(make_layer):
+    layer = make_layer(chunk_size=C, clip_tau=0.05, dtype=torch.float32)
+    x, x0 = random_inputs(3, 3 * C + 1, layer.dim, dtype=torch.float32)
+    torch.testing.assert_close(layer(x, x0).double(), reference_for_layer(layer, x, x0),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("step_sizes", [[1], [3], [C + 1], [2, 5, 1, 7]], ids=str)
+@pytest.mark.parametrize("clip_tau", [None, 0.05])
+def test_streaming_matches_parallel(make_layer, step_sizes, clip_tau):
+    layer = make_layer(chunk_size=C, kernel_size=3, clip_tau=clip_tau)
+    x, x0 = random_inputs(3, 5 * C + 3, layer.dim)
+    torch.testing.assert_close(stream(layer, x, x0, step_sizes), layer(x, x0), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dim,chunk_size", [(8, 16), (20, 3), (6, 1)], ids=["d<C", "d>C", "C=1"])
+def test_streaming_fold_covers_every_row(make_layer, dim, chunk_size):
+    """The previous chunk is folded into delta row by row: any d against C."""
+    layer = make_layer(dim=dim, chunk_size=chunk_size, clip_tau=0.5)
+    x, x0 = random_inputs(2, 4 * chunk_size + 1, dim)
+    expected = reference_for_layer(layer, x, x0)
+    torch.testing.assert_close(stream(layer, x, x0, [1]), expected, rtol=1e-10, atol=1e-10)
+
+
+def plain_steps(gating, x):
+    """moshi's gating one token at a time (matmul shapes as in a streaming step)."""
+    return torch.cat([gating(x[:, t:t + 1]) for t in range(x.shape[1])], dim=1)
+
+
+def test_warm_start_equals_moshi_gating():
+    torch.manual_seed(0)
+    gating = ActivationGating(16, 64, F.silu)
+    x, x0 = random_inputs(2, 21, 16, dtype=torch.float32)
+    expected = gating(x)
+    layer = InPlaceTTTGating.from_gating(gating, chunk_size=4, eta=3.0, init="warm")
+    assert layer.linear_in.weight is gating.linear_in.weight
+    assert layer.linear_out.weight is gating.linear_out.weight
+    assert torch.equal(layer(x, x0), expected)
+    assert torch.equal(stream(layer, x, x0, [1]), plain_steps(gating, x))
+
+
+def test_eta_zero_or_disabled_is_plain_mlp(make_layer):
+    torch.manual_seed(0)
+    gating = ActivationGating(8, 24, F.silu).double()
+    x, x0 = random_inputs(2, 13, 8)
+    expected = gating(x)
+    zero = InPlaceTTTGating.from_gating(gating, chunk_size=4, eta=0.0, init="normal", init_std=0.5)
+    assert torch.equal(zero(x, x0), expected)
+    off = InPlaceTTTGating.from_gating(gating, chunk_size=4, eta=2.0, init="normal", init_std=0.5)
+    assert not torch.equal(off(x, x0), expected)
+    off.ttt_enabled = False
+    assert torch.equal(off(x, x0), expected)
+    assert torch.equal(stream(off, x, x0, [1]), plain_steps(gating, x))
+
+
+def test_next_token_init_targets_next_embedding(make_layer):
+    layer = make_layer(dim=6, chunk_size=4, kernel_size=2, init="next_token")
+    x0 = torch.randn(1, 8, 6, dtype=torch.float64)
+    v = layer.ttt_target(x0, 4)
+    torch.testing.assert_close(v[:, [0, 1, 2, 4, 5, 6]], x0[:, [1, 2, 3, 5, 6, 7]])
+    assert torch.equal(v[:, [3, 7]], torch.zeros(1, 2, 6, dtype=torch.float64))  # chunk ends

@@ -1,0 +1,135 @@
+"""Causality, per-sample fast weights, reset, exec_mask, and what is stored."""
+
+import pytest
+import torch
+
+from helpers import random_inputs, stream
+
+C = 4
+
+
+@pytest.mark.parametrize("p", [1, C - 1, C, 2 * C + 2])
+@pytest.mark.parametrize("which", ["hidden", "embeddings", "both"])
+def test_parallel_is_causal(make_layer, p, which):
+    layer = make_layer(chunk_size=C, kernel_size=3, clip_tau=0.05)
+    x, x0 = random_inputs(2, 4 * C, layer.dim)
+    base = layer(x, x0)
+    x2, x02 = x.clone(), x0.clone()
+    if which in ("hidden", "both"):
+        x2[:, p:] += torch.randn_like(x2[:, p:])
+    if which in ("embeddings", "both"):
+        x02[:, p:] += torch.randn_like(x02[:, p:])
+    moved = layer(x2, x02)
+    assert torch.equal(moved[:, :p], base[:, :p])
+    assert not torch.allclose(moved[:, p:], base[:, p:])
+
+
+def test_embedding_change_reaches_only_later_chunks(make_layer):
+    """x0 at p feeds the target of p-1, whose update acts from the next chunk on."""
+    layer = make_layer(chunk_size=C)
+    x, x0 = random_inputs(1, 3 * C, layer.dim)
+    base = layer(x, x0)
+    x02 = x0.clone()
+    x02[:, C + 1] += 1.0
+    moved = layer(x, x02)
+    assert torch.equal(moved[:, :2 * C], base[:, :2 * C])
+    assert not torch.allclose(moved[:, 2 * C:], base[:, 2 * C:])
+
+
+def test_samples_have_their_own_fast_weights(make_layer):
+    layer = make_layer(chunk_size=C, clip_tau=0.05)
+    x, x0 = random_inputs(3, 4 * C + 1, layer.dim)
+    batched = stream(layer, x, x0, [1])
+    for b in range(3):
+        alone = stream(layer, x[b:b + 1], x0[b:b + 1], [1])
+        torch.testing.assert_close(batched[b:b + 1], alone, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reset_at", [C + 2, 2 * C])
+def test_reset_one_sample(make_layer, reset_at):
+    layer = make_layer(chunk_size=C, kernel_size=3, clip_tau=0.05)
+    x, x0 = random_inputs(2, 5 * C, layer.dim)
+    untouched = stream(layer, x, x0, [1])
+    fresh = stream(layer, x[1:, reset_at:], x0[1:, reset_at:], [1])
+    outs = []
+    with layer.streaming(2):
+        for t in range(x.shape[1]):
+            if t == reset_at:
+                layer.reset_streaming(torch.tensor([False, True]))
+            outs.append(layer(x[:, t:t + 1], x0[:, t:t + 1]))
+    outs = torch.cat(outs, dim=1)
+    torch.testing.assert_close(outs[0], untouched[0], rtol=0, atol=0)
+    torch.testing.assert_close(outs[1, reset_at:], fresh[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("skip_sizes", [[1], [2 * C + 3, 2]], ids=["steps", "whole-chunks"])
+def test_exec_mask_freezes_a_sample(make_layer, skip_sizes):
+    """Steps fed while a sample's exec_mask is off leave no trace in its state."""
+    layer = make_layer(chunk_size=C, kernel_size=2, clip_tau=0.05)
+    x, x0 = random_inputs(2, 6 * C, layer.dim)
+    junk_x, junk_x0 = random_inputs(2, sum(skip_sizes), layer.dim, seed=7)
+    expected = stream(layer, x, x0, [1])
+    split = C + 1
+    outs = []
+    with layer.streaming(2):
+        for t in range(split):
+            outs.append(layer(x[:, t:t + 1], x0[:, t:t + 1]))
+        layer.set_exec_mask(torch.tensor([True, False]))
+        t_junk = 0
+        for size in skip_sizes:
+            out = layer(torch.cat([x[:1, split:split + size], junk_x[1:, t_junk:t_junk + size]]),
+                        torch.cat([x0[:1, split:split + size], junk_x0[1:, t_junk:t_junk + size]]))
+            outs.append(torch.cat([out[:1], torch.full_like(out[1:], float("nan"))]))
+            t_junk += size
+            split += size
+        layer.set_exec_mask(torch.tensor([True, True]))
+        resumed = [layer(x[:, t:t + 1], x0[:, t:t + 1]) for t in range(split, x.shape[1])]
+    outs = torch.cat(outs, dim=1)
+    resumed = torch.cat(resumed, dim=1)
+    torch.testing.assert_close(outs[0], expected[0, :split], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(resumed[0], expected[0, split:], rtol=1e-12, atol=1e-12)
+    # Sample 1 skipped sum(skip_sizes) real tokens: it continues as if they never came.
+    n_skip = sum(skip_sizes)
+    keep = list(range(C + 1)) + list(range(C + 1 + n_skip, x.shape[1]))
+    alone = stream(layer, x[1:, keep], x0[1:, keep], [1])
+    torch.testing.assert_close(resumed[1], alone[0, C + 1:], rtol=1e-12, atol=1e-12)
+
+
+def test_streaming_never_touches_parameters(make_layer):
+    layer = make_layer(chunk_size=C)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x, x0 = random_inputs(2, 3 * C, layer.dim)
+    with layer.streaming(2):
+        layer(x, x0)
+        assert layer._streaming_state.delta.abs().amax() > 0
+    layer(x, x0)
+    after = layer.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert all(not p.grad_fn for p in layer.parameters())
+
+
+def saved_tensors(layer, length, dim):
+    """(total bytes, largest numel) that autograd keeps between forward and backward."""
+    sizes = []
+
+    def pack(t):
+        sizes.append((t.numel() * t.element_size(), t.numel()))
+        return t
+
+    x, x0 = random_inputs(1, length, dim)
+    x.requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, x0).sum().backward()
+    return sum(b for b, _ in sizes), max(n for _, n in sizes)
+
+
+def test_saved_memory_does_not_grow_with_chunks(make_layer):
+    """Flat memory per token from 2 to 64 chunks, and no d x h weight per chunk."""
+    dim, hidden = 32, 96
+    layer = make_layer(dim=dim, hidden=hidden, chunk_size=4, clip_tau=0.05)
+    short_bytes, _ = saved_tensors(layer, 8, dim)
+    long_bytes, largest = saved_tensors(layer, 256, dim)
+    assert long_bytes / 256 <= 1.1 * short_bytes / 8, (short_bytes, long_bytes)
+    assert largest < (256 // 4) * dim * hidden / 2
