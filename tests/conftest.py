@@ -14,10 +14,17 @@ from moshi_ttt import InPlaceTTTGating  # noqa: E402
 def make_layer():
     """A small float64 TTT layer with random target weights, seeded."""
     def make(dim=8, hidden=12, chunk_size=4, eta=0.5, kernel_size=2, clip_tau=None,
-             init="normal", init_std=0.3, seed=0, dtype=torch.float64):
+             init="normal", init_std=0.3, algorithm="auto", seed=0, dtype=torch.float64):
         torch.manual_seed(seed)
         layer = InPlaceTTTGating(dim, hidden, F.silu, chunk_size=chunk_size, eta=eta,
                                  kernel_size=kernel_size, clip_tau=clip_tau, init=init,
-                                 init_std=init_std, dtype=dtype)
+                                 init_std=init_std, algorithm=algorithm, dtype=dtype)
         return layer.eval()
     return make
+
+
+@pytest.fixture(autouse=True)
+def small_scan_blocks(monkeypatch):
+    """At test sizes a 2048-position scan block would hold the whole sequence: use 8."""
+    from moshi_ttt.ops import inplace_ttt
+    monkeypatch.setattr(inplace_ttt, "SCAN_BLOCK", 8)

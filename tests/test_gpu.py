@@ -13,15 +13,16 @@ from reference import reference_for_layer
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def cuda_layer(dtype, chunk_size=16, clip_tau=None):
+def cuda_layer(dtype, chunk_size=16, clip_tau=None, algorithm="auto"):
     torch.manual_seed(0)
     return InPlaceTTTGating(64, 176, F.silu, chunk_size=chunk_size, eta=0.05, clip_tau=clip_tau,
-                            init="normal", init_std=0.1, device="cuda", dtype=dtype).eval()
+                            init="normal", init_std=0.1, algorithm=algorithm, device="cuda", dtype=dtype).eval()
 
 
 @pytest.mark.parametrize("clip_tau", [None, 0.5])
-def test_bf16_matches_reference(clip_tau):
-    layer = cuda_layer(torch.bfloat16, clip_tau=clip_tau)
+@pytest.mark.parametrize("algorithm", ["dual", "scan"])
+def test_bf16_matches_reference(clip_tau, algorithm):
+    layer = cuda_layer(torch.bfloat16, clip_tau=clip_tau, algorithm=algorithm)
     x, x0 = (t.to("cuda", torch.bfloat16) for t in random_inputs(3, 5 * 16 + 3, 64))
     ref = reference_for_layer(layer.cpu(), x.cpu(), x0.cpu())
     layer.cuda()
@@ -29,6 +30,20 @@ def test_bf16_matches_reference(clip_tau):
     assert (out - ref).abs().max() <= 0.02 * ref.abs().max()
     streamed = stream(layer, x, x0, [1]).double().cpu()
     assert (streamed - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+@pytest.mark.parametrize("algorithm", ["dual", "scan"])
+def test_bf16_gradients_match_float64(algorithm):
+    """bf16 operands with float32 sums: gradients within bf16 distance of float64 ones."""
+    layer = cuda_layer(torch.bfloat16, algorithm=algorithm).train()
+    x, x0 = (t.to("cuda", torch.bfloat16) for t in random_inputs(2, 4 * 16 + 5, 64))
+    grads = []
+    for dtype in (torch.bfloat16, torch.float64):
+        layer.zero_grad()
+        layer.to(dtype)(x.to(dtype), x0.to(dtype)).float().square().sum().backward()
+        grads.append([p.grad.double() for p in layer.parameters()])
+    for low, high in zip(*grads):
+        assert (low - high).abs().max() <= 0.03 * high.abs().max()
 
 
 @pytest.mark.parametrize("clip_tau", [None, 0.5])

@@ -12,8 +12,9 @@ C = 3
 
 @pytest.mark.parametrize("clip_tau", [None, 0.05])
 @pytest.mark.parametrize("length", [2 * C + 1, 3 * C])
-def test_gradcheck_every_parameter(make_layer, clip_tau, length):
-    layer = make_layer(dim=4, hidden=6, chunk_size=C, kernel_size=2, clip_tau=clip_tau)
+@pytest.mark.parametrize("algorithm", ["dual", "scan"])
+def test_gradcheck_every_parameter(make_layer, clip_tau, length, algorithm):
+    layer = make_layer(dim=4, hidden=6, chunk_size=C, kernel_size=2, clip_tau=clip_tau, algorithm=algorithm)
     x, x0 = random_inputs(2, length, 4)
     names = [n for n, _ in layer.named_parameters()]
     assert names == ["linear_in.weight", "linear_out.weight", "ttt_target.conv", "ttt_target.proj.weight"]
@@ -61,3 +62,12 @@ def test_no_warning_for_eval_or_longer_sequences(make_layer, recwarn):
     x, x0 = random_inputs(1, C + 1, layer.dim)
     layer(x, x0)
     assert not [w for w in recwarn if issubclass(w.category, TTTInactiveWarning)]
+
+
+@pytest.mark.parametrize("block_chunks", [1, 2, 10])
+def test_gradcheck_block_scan(block_chunks):
+    from moshi_ttt.ops import block_scan
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4 * C + 2, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(2, 4 * C + 2, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z, v: block_scan(z, v, C, block_chunks * C), (z, v))

@@ -15,8 +15,9 @@ C = 4
 @pytest.mark.parametrize("length", [3 * C, 3 * C + 2, C - 1], ids=["multiple", "ragged", "shorter"])
 @pytest.mark.parametrize("kernel_size", [1, 2, 3])
 @pytest.mark.parametrize("clip_tau", [None, 0.05])
-def test_parallel_matches_reference(make_layer, length, kernel_size, clip_tau):
-    layer = make_layer(chunk_size=C, kernel_size=kernel_size, clip_tau=clip_tau)
+@pytest.mark.parametrize("algorithm", ["dual", "scan"])
+def test_parallel_matches_reference(make_layer, length, kernel_size, clip_tau, algorithm):
+    layer = make_layer(chunk_size=C, kernel_size=kernel_size, clip_tau=clip_tau, algorithm=algorithm)
     x, x0 = random_inputs(3, length, layer.dim)
     out = layer(x, x0)
     ref = reference_for_layer(layer, x, x0)
@@ -36,17 +37,19 @@ def test_reference_sees_the_updates(make_layer):
     torch.testing.assert_close(free[:, :C], plain[:, :C], rtol=0, atol=1e-12)
 
 
-def test_float32_layer_matches_reference(make_layer):
-    layer = make_layer(chunk_size=C, clip_tau=0.05, dtype=torch.float32)
+@pytest.mark.parametrize("algorithm", ["dual", "scan"])
+def test_float32_layer_matches_reference(make_layer, algorithm):
+    layer = make_layer(chunk_size=C, clip_tau=0.05, algorithm=algorithm, dtype=torch.float32)
     x, x0 = random_inputs(3, 3 * C + 1, layer.dim, dtype=torch.float32)
     torch.testing.assert_close(layer(x, x0).double(), reference_for_layer(layer, x, x0),
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("step_sizes", [[1], [3], [C + 1], [2, 5, 1, 7]], ids=str)
+@pytest.mark.parametrize("step_sizes", [[1], [3], [C + 1], [2, 5, 1, 7], [3 * C]], ids=str)
 @pytest.mark.parametrize("clip_tau", [None, 0.05])
-def test_streaming_matches_parallel(make_layer, step_sizes, clip_tau):
-    layer = make_layer(chunk_size=C, kernel_size=3, clip_tau=clip_tau)
+@pytest.mark.parametrize("algorithm", ["dual", "scan"])
+def test_streaming_matches_parallel(make_layer, step_sizes, clip_tau, algorithm):
+    layer = make_layer(chunk_size=C, kernel_size=3, clip_tau=clip_tau, algorithm=algorithm)
     x, x0 = random_inputs(3, 5 * C + 3, layer.dim)
     torch.testing.assert_close(stream(layer, x, x0, step_sizes), layer(x, x0), rtol=1e-10, atol=1e-10)
 
@@ -97,3 +100,29 @@ def test_next_token_init_targets_next_embedding(make_layer):
     v = layer.ttt_target(x0, 4)
     torch.testing.assert_close(v[:, [0, 1, 2, 4, 5, 6]], x0[:, [1, 2, 3, 5, 6, 7]])
     assert torch.equal(v[:, [3, 7]], torch.zeros(1, 2, 6, dtype=torch.float64))  # chunk ends
+
+
+def test_auto_picks_dual_for_short_and_scan_for_long(monkeypatch):
+    from moshi_ttt.ops import block_size_for, inplace_ttt
+    monkeypatch.setattr(inplace_ttt, "SCAN_BLOCK", 2048)
+    assert block_size_for("auto", 3072, 4096, 11264, 512) == 3072
+    assert block_size_for("auto", 12288, 4096, 11264, 512) == 2048
+    assert block_size_for("dual", 1000, 4096, 11264, 512) == 1024
+    assert block_size_for("scan", 1000, 4096, 11264, 512) == 2048
+    assert block_size_for("scan", 1000, 4096, 11264, 3000) == 3000
+
+
+@pytest.mark.parametrize("block_chunks", [1, 2, 3, 100])
+def test_block_scan_is_exact_for_any_block(make_layer, block_chunks):
+    """One chunk per block (pure scan) to one block for everything (pure dual)."""
+    from moshi_ttt.ops import block_scan
+    torch.manual_seed(0)
+    z = torch.randn(2, 7 * C + 1, 6, dtype=torch.float64)
+    v = torch.randn(2, 7 * C + 1, 5, dtype=torch.float64)
+    expected = torch.zeros_like(v)
+    for start in range(C, z.shape[1], C):
+        state = v[:, :start].transpose(1, 2) @ z[:, :start]
+        expected[:, start:start + C] = z[:, start:start + C] @ state.transpose(1, 2)
+    torch.testing.assert_close(block_scan(z, v, C, block_chunks * C), expected)
+    with pytest.raises(ValueError, match="block_size=6 must be a multiple of chunk_size=4"):
+        block_scan(z, v, C, 6)

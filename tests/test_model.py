@@ -154,3 +154,20 @@ def test_conversion_errors():
     apply_ttt(lm, TTTConfig(layers=[1]))
     with pytest.raises(ValueError, match="already has In-Place TTT layers"):
         apply_ttt(lm, TTTConfig(layers=[2]))
+
+
+def test_converting_a_model_that_streamed_before():
+    """moshi caches the streaming children of a model; conversion must refresh that."""
+    plain = build_lm(tiny_lm_config())
+    converted = build_lm(tiny_lm_config())
+    sequence = random_codes(plain, 1, 3 * C)
+    stream_forward_text(converted, sequence[:, :, :2])
+    apply_ttt(converted, TTTConfig(**ACTIVE))
+    assert not converted.transformer.layers[0].gating.training
+    fresh = build_lm(tiny_lm_config(), TTTConfig(**ACTIVE))
+    torch.testing.assert_close(stream_forward_text(converted, sequence),
+                               stream_forward_text(fresh, sequence), rtol=0, atol=0)
+    assert not torch.allclose(stream_forward_text(converted, sequence), stream_forward_text(plain, sequence))
+    streaming = build_lm(tiny_lm_config())
+    with streaming.streaming(1), pytest.raises(ValueError, match="before streaming"):
+        apply_ttt(streaming, TTTConfig(**ACTIVE))

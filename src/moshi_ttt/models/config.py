@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from ..modules.targets import TARGET_INITS
+from ..ops import ALGORITHMS
 
 X0Source = tp.Literal["input", "text", "hidden"]
 X0_SOURCES: tuple[str, ...] = tp.get_args(X0Source)
@@ -33,6 +34,7 @@ class TTTConfig:
         x0_source: the embeddings X0 the targets are made from: "input" (the sum of
             every stream's embedding, the transformer's input), "text" (the text
             stream's embedding only) or "hidden" (the layer's own MLP input).
+        algorithm: exact form for whole sequences, "auto", "dual" or "scan".
     """
 
     layers: list[int] | None = None
@@ -45,6 +47,7 @@ class TTTConfig:
     init_std: float = 0.02
     clip_tau: float | None = None
     x0_source: str = "input"
+    algorithm: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -70,6 +73,8 @@ class TTTConfig:
             raise ValueError(f"ttt.init={self.init!r}: expected one of {TARGET_INITS}")
         if self.init == "next_token" and self.kernel_size < 2:
             raise ValueError(f"ttt.kernel_size={self.kernel_size}: init 'next_token' needs kernel_size >= 2")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"ttt.algorithm={self.algorithm!r}: expected one of {ALGORITHMS}")
         if self.x0_source not in X0_SOURCES:
             raise ValueError(f"ttt.x0_source={self.x0_source!r}: expected one of {X0_SOURCES}")
 
@@ -89,7 +94,8 @@ class TTTConfig:
     def layer_kwargs(self) -> dict[str, tp.Any]:
         """Keyword arguments of `InPlaceTTTGating` that this config sets."""
         return dict(chunk_size=self.chunk_size, eta=self.eta, kernel_size=self.kernel_size,
-                    clip_tau=self.clip_tau, init=self.init, init_std=self.init_std)
+                    clip_tau=self.clip_tau, init=self.init, init_std=self.init_std,
+                    algorithm=self.algorithm)
 
     def to_dict(self) -> dict[str, tp.Any]:
         return dataclasses.asdict(self)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from moshi.models.lm import LMModel
 from moshi.modules.gating import ActivationGating
+from moshi.modules.streaming import StreamingModule
 
 from ..modules import InPlaceTTTGating
 from .config import TTTConfig
@@ -33,6 +34,8 @@ def apply_ttt(lm_model: LMModel, config: TTTConfig) -> LMModel:
         raise TypeError(f"apply_ttt expects a moshi LMModel, got {type(lm_model).__name__}")
     if getattr(lm_model, "ttt_config", None) is not None:
         raise ValueError("this LMModel already has In-Place TTT layers")
+    if lm_model.is_streaming:
+        raise ValueError("convert the LMModel before streaming with it, not inside `streaming(...)`")
     layers = lm_model.transformer.layers
     indices = config.layer_indices(len(layers))
     for i in indices:
@@ -42,6 +45,7 @@ def apply_ttt(lm_model: LMModel, config: TTTConfig) -> LMModel:
                             f"got {type(gating).__name__}")
         layers[i].gating = InPlaceTTTGating.from_gating(gating, **config.layer_kwargs())
     _route_embeddings(lm_model, config.x0_source)
+    _forget_streaming_children(lm_model)
     lm_model.ttt_config = config
     return lm_model
 
@@ -55,6 +59,14 @@ def set_ttt_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch every TTT layer between In-Place TTT and the plain MLP (same weights)."""
     for _, layer in ttt_layers(model):
         layer.ttt_enabled = enabled
+
+
+def _forget_streaming_children(lm_model: LMModel) -> None:
+    """moshi caches each StreamingModule's streaming children on first use; the new
+    TTT layers are not in such a list, so drop the lists to have them built again."""
+    for module in lm_model.modules():
+        if isinstance(module, StreamingModule):
+            module._cached_children = None
 
 
 def _route_embeddings(lm_model: LMModel, source: str) -> None:

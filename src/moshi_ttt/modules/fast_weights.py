@@ -17,19 +17,25 @@ has no branch on data and a constant cost:
   the chunk's delta, for the clip, accumulates the same way.
 
 Every write is masked by `exec_mask` and done in place, as CUDA graphs need.
+The buffered Z and V keep the model's dtype (they are exact there); for a bf16
+model on CUDA, `delta` (float32) also has a bf16 copy that the output reads,
+kept up to date row by row as rows are folded.
 """
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from moshi.modules.streaming import State
 
-from ..ops import clip_scales
+from ..ops import clip_scales, compute_dtype, future_conv_partial_rows
+from ..ops.matmul import bmm_acc, operand_dtype
 
 
 @dataclass
 class FastWeightState(State):
-    delta: torch.Tensor         # [B, d, h] folded chunk deltas (clipped, not eta-scaled)
+    delta: torch.Tensor         # [B, d, h] folded chunk deltas (clipped, not eta-scaled), float32
+    delta_read: torch.Tensor    # delta in the matmul operand dtype (delta itself when that is float32)
     z_ring: torch.Tensor        # [B, 2C, h] Z of the previous and the current chunk
     v_ring: torch.Tensor        # [B, 2C, d] targets, same rows
     x0_tail: torch.Tensor       # [B, K-1, d] embeddings of the K-1 positions before this one
@@ -40,14 +46,19 @@ class FastWeightState(State):
 
     @classmethod
     def zeros(cls, batch_size: int, dim: int, hidden: int, chunk_size: int, kernel_size: int,
-              device: torch.device, dtype: torch.dtype) -> "FastWeightState":
-        def z(*shape, dt=dtype):
+              device: torch.device, model_dtype: torch.dtype) -> "FastWeightState":
+        cd = compute_dtype(model_dtype)
+        op = operand_dtype(model_dtype, device)
+
+        def z(*shape, dt=cd):
             return torch.zeros(*shape, device=device, dtype=dt)
+        delta = z(batch_size, dim, hidden)
         return cls(
             batch_size, device,
-            delta=z(batch_size, dim, hidden),
-            z_ring=z(batch_size, 2 * chunk_size, hidden),
-            v_ring=z(batch_size, 2 * chunk_size, dim),
+            delta=delta,
+            delta_read=delta if op == cd else z(batch_size, dim, hidden, dt=op),
+            z_ring=z(batch_size, 2 * chunk_size, hidden, dt=model_dtype),
+            v_ring=z(batch_size, 2 * chunk_size, dim, dt=model_dtype),
             x0_tail=z(batch_size, kernel_size - 1, dim),
             pos=z(batch_size, dt=torch.long),
             slot=z(batch_size, dt=torch.long),
@@ -59,9 +70,13 @@ class FastWeightState(State):
     def chunk_size(self) -> int:
         return self.z_ring.shape[1] // 2
 
+    @property
+    def op(self) -> torch.dtype:
+        return self.delta_read.dtype
+
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
-        for t in (self.delta, self.z_ring, self.v_ring, self.x0_tail, self.pos,
+        for t in (self.delta, self.delta_read, self.z_ring, self.v_ring, self.x0_tail, self.pos,
                   self.slot, self.prev_scale, self.cur_sq_norm):
             mask = reset_mask.view(-1, *([1] * (t.dim() - 1)))
             t.masked_fill_(mask, 0)
@@ -72,99 +87,114 @@ class FastWeightState(State):
         ring_half = torch.arange(2 * C, device=self.pos.device) // C
         return ring_half[None] != self.slot[:, None]
 
+    def _sync_read_copy(self) -> None:
+        if self.delta_read is not self.delta:
+            self.delta_read.copy_(self.delta)
+
     def pending_delta(self) -> torch.Tensor:
         """[B, d, h]: the part of the previous chunk's delta not yet folded."""
         C = self.chunk_size
         dim = self.delta.shape[1]
         rows_per_step = -(-dim // C)
-        coef = self._prev_rows() * self.prev_scale[:, None]
-        full = (self.v_ring * coef[..., None]).transpose(1, 2) @ self.z_ring
+        prev = self._prev_rows().to(self.v_ring.dtype)
+        full = bmm_acc((self.v_ring * prev[..., None]).transpose(1, 2), self.z_ring, self.op)
         unfolded = torch.arange(dim, device=full.device)[None] >= (self.pos * rows_per_step)[:, None]
-        return full * unfolded[..., None]
+        return full * (unfolded * self.prev_scale[:, None])[..., None]
 
     def settle(self) -> None:
         """Fold the rest of the previous chunk now (eager only: outside CUDA graphs)."""
         run = self.exec_mask
         self.delta.add_(self.pending_delta() * run[:, None, None])
         self.prev_scale.masked_fill_(run, 0)
+        self._sync_read_copy()
 
     def absorb(self, z: torch.Tensor, v_clipped: torch.Tensor) -> None:
         """Add the deltas of whole chunks (z: [B, L, h], clip-scaled v: [B, L, d])."""
         run = self.exec_mask[:, None, None]
-        self.delta.add_((v_clipped.transpose(1, 2) @ z.to(v_clipped.dtype)) * run)
+        self.delta.add_(bmm_acc(v_clipped.transpose(1, 2), z, self.op) * run)
+        self._sync_read_copy()
 
     def step(self, z: torch.Tensor, x0: torch.Tensor, targets, eta: float,
              clip_tau: float | None) -> torch.Tensor:
         """Advance by one token. z: [B, h], x0: [B, d] -> fast-weight term [B, d].
 
         `targets` is the layer's `LMAlignedTargets`. The result is the token's
-        `eta * z (delta + updates not yet folded)^T`, in the state's dtype.
+        `eta * z (delta + updates not yet folded)^T`, in float32 (float64).
         """
-        B, dim, hidden = self.delta.shape
-        C = self.chunk_size
-        K = self.x0_tail.shape[1] + 1
-        dev = z.device
-        cd = self.delta.dtype
-        zf, x0f = z.to(cd), x0.to(cd)
-        run = self.exec_mask
-        p = self.pos
-        rows_per_step = -(-dim // C)
-        ring = torch.arange(2 * C, device=dev)
-        is_prev = self._prev_rows()
-        cur_start = self.slot * C
+        read_copy = None if self.delta_read is self.delta else self.delta_read
+        return _token_step(self.delta, read_copy, self.z_ring, self.v_ring, self.x0_tail, self.pos,
+                           self.slot, self.prev_scale, self.cur_sq_norm, self.exec_mask, z, x0,
+                           targets.conv, targets.proj.weight, eta, clip_tau)
 
-        # Fold rows [p * r, (p + 1) * r) of the previous chunk's delta.
-        fold_rows = p[:, None] * rows_per_step + torch.arange(rows_per_step, device=dev)[None]
-        valid_rows = fold_rows < dim
-        fold_rows = fold_rows.clamp(max=dim - 1)
-        coef = is_prev * (self.prev_scale * run)[:, None]
-        v_cols = torch.gather(self.v_ring, 2, fold_rows[:, None, :].expand(B, 2 * C, rows_per_step))
-        folded = (v_cols * coef[..., None]).transpose(1, 2) @ self.z_ring
-        folded = folded * valid_rows[..., None]
-        self.delta.scatter_add_(1, fold_rows[..., None].expand(B, rows_per_step, hidden), folded)
 
-        # The token's output: folded rows from delta, the others in dual form.
-        out = (self.delta @ zf[..., None]).squeeze(-1)
-        scores = (self.z_ring @ zf[..., None]).squeeze(-1) * is_prev * self.prev_scale[:, None]
-        pending = (scores[:, None, :] @ self.v_ring).squeeze(1)
-        n_folded = (p + run.long()) * rows_per_step
-        unfolded = torch.arange(dim, device=dev)[None] >= n_folded[:, None]
-        out = eta * (out + pending * unfolded)
+def _token_step(delta, read_copy, z_ring, v_ring, x0_tail, pos, slot, prev_scale, cur_sq_norm, run,
+                z, x0, conv, proj, eta: float, clip_tau: float | None):
+    """`FastWeightState.step` on plain tensors (torch.compile made it slower on an H100)."""
+    B, dim, hidden = delta.shape
+    C = z_ring.shape[1] // 2
+    K = x0_tail.shape[1] + 1
+    dev = z.device
+    delta_read = delta if read_copy is None else read_copy
+    op = delta_read.dtype
+    p = pos
+    rows_per_step = -(-dim // C)
+    ring = torch.arange(2 * C, device=dev)
+    is_prev = (ring // C)[None] != slot[:, None]
+    prev = is_prev.to(v_ring.dtype)
+    cur_start = slot * C
 
-        # Buffer z at its ring row.
-        _masked_write_row(self.z_ring, cur_start + p, zf, run)
+    # Fold rows [p * r, (p + 1) * r) of the previous chunk's delta.
+    fold_rows = p[:, None] * rows_per_step + torch.arange(rows_per_step, device=dev)[None]
+    valid_rows = fold_rows < dim
+    fold_rows = fold_rows.clamp(max=dim - 1)
+    v_cols = torch.gather(v_ring, 2, fold_rows[:, None, :].expand(B, 2 * C, rows_per_step))
+    folded = bmm_acc((v_cols * prev[..., None]).transpose(1, 2), z_ring, op)
+    folded = folded * (valid_rows * (prev_scale * run)[:, None])[..., None]
+    row_index = fold_rows[..., None].expand(B, rows_per_step, hidden)
+    delta.scatter_add_(1, row_index, folded)
+    if read_copy is not None:
+        read_copy.scatter_(1, row_index, delta.gather(1, row_index).to(op))
 
-        # Targets of positions p-K+1 .. p from the embeddings seen so far.
-        window = torch.cat([self.x0_tail, x0f[:, None]], dim=1)
-        v_rows = targets.partial_rows(window).to(cd)  # row j: position p - j
-        row_pos = p[:, None] - torch.arange(K, device=dev)[None]  # [B, K]
-        row_ok = row_pos >= 0
-        for j in range(K):
-            _masked_write_row(self.v_ring, cur_start + row_pos[:, j].clamp(min=0), v_rows[:, j],
-                              run & row_ok[:, j])
+    # The token's output: folded rows from delta, the others in dual form.
+    out = bmm_acc(delta_read, z[..., None], op).squeeze(-1)
+    scores = bmm_acc(z_ring, z[..., None], op).squeeze(-1) * is_prev * prev_scale[:, None]
+    pending = bmm_acc(scores[:, None, :], v_ring, op).squeeze(1)
+    n_folded = (p + run.long()) * rows_per_step
+    unfolded = torch.arange(dim, device=dev)[None] >= n_folded[:, None]
+    out = eta * (out + pending * unfolded)
 
-        at_end = run & (p == C - 1)
-        if clip_tau is not None:
-            # Gram terms of each candidate row q against the current chunk's rows < q.
-            z_rows = torch.gather(
-                self.z_ring, 1, (cur_start[:, None] + row_pos.clamp(min=0))[..., None].expand(B, K, hidden))
-            gram = (v_rows @ self.v_ring.transpose(1, 2)) * (z_rows @ self.z_ring.transpose(1, 2))
-            earlier = (~is_prev)[:, None, :] & ((ring % C)[None, None, :] < row_pos[..., None])
-            diag = v_rows.square().sum(-1) * z_rows.square().sum(-1)
-            terms = (2 * (gram * earlier).sum(-1) + diag) * row_ok  # [B, K]
-            # Row p-K+1 becomes final now; at the chunk's end all K rows are.
-            sq_norm_now = self.cur_sq_norm + terms[:, K - 1]
-            sq_norm_at_end = self.cur_sq_norm + terms.sum(-1)
-            end_scale = clip_scales(sq_norm_at_end, eta, clip_tau)
-            self.cur_sq_norm.copy_(torch.where(at_end, 0.0, torch.where(run, sq_norm_now, self.cur_sq_norm)))
-            self.prev_scale.copy_(torch.where(at_end, end_scale, self.prev_scale))
-        else:
-            self.prev_scale.masked_fill_(at_end, 1.0)
+    # Buffer z at its ring row.
+    _masked_write_row(z_ring, cur_start + p, z, run)
 
-        self.slot.copy_(torch.where(at_end, 1 - self.slot, self.slot))
-        self.pos.copy_(torch.where(run, (p + 1) % C, p))
-        self.x0_tail.copy_(torch.where(run[:, None, None], window[:, 1:], self.x0_tail))
-        return out
+    # Targets of positions p-K+1 .. p from the embeddings seen so far.
+    window = torch.cat([x0_tail, x0.to(x0_tail.dtype)[:, None]], dim=1)
+    v_rows = F.linear(future_conv_partial_rows(window, conv.to(window.dtype)).to(proj.dtype), proj)
+    row_pos = p[:, None] - torch.arange(K, device=dev)[None]  # [B, K], row j: position p - j
+    row_ok = row_pos >= 0
+    for j in range(K):
+        _masked_write_row(v_ring, cur_start + row_pos[:, j].clamp(min=0), v_rows[:, j], run & row_ok[:, j])
+
+    at_end = run & (p == C - 1)
+    if clip_tau is not None:
+        # Gram terms of each candidate row q against the current chunk's rows < q.
+        z_rows = torch.gather(z_ring, 1, (cur_start[:, None] + row_pos.clamp(min=0))[..., None].expand(B, K, hidden))
+        gram = bmm_acc(v_rows, v_ring.transpose(1, 2), op) * bmm_acc(z_rows, z_ring.transpose(1, 2), op)
+        earlier = (~is_prev)[:, None, :] & ((ring % C)[None, None, :] < row_pos[..., None])
+        v_sq = v_rows.to(delta.dtype).square().sum(-1)
+        z_sq = z_rows.to(delta.dtype).square().sum(-1)
+        terms = (2 * (gram * earlier).sum(-1) + v_sq * z_sq) * row_ok  # [B, K]
+        # Row p-K+1 becomes final now; at the chunk's end all K rows are.
+        sq_norm_now = cur_sq_norm + terms[:, K - 1]
+        end_scale = clip_scales(cur_sq_norm + terms.sum(-1), eta, clip_tau)
+        cur_sq_norm.copy_(torch.where(at_end, 0.0, torch.where(run, sq_norm_now, cur_sq_norm)))
+        prev_scale.copy_(torch.where(at_end, end_scale, prev_scale))
+    else:
+        prev_scale.masked_fill_(at_end, 1.0)
+
+    slot.copy_(torch.where(at_end, 1 - slot, slot))
+    pos.copy_(torch.where(run, (p + 1) % C, p))
+    x0_tail.copy_(torch.where(run[:, None, None], window[:, 1:], x0_tail))
+    return out
 
 
 def _masked_write_row(buffer: torch.Tensor, rows: torch.Tensor, values: torch.Tensor,

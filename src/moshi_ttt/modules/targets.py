@@ -66,20 +66,3 @@ class LMAlignedTargets(nn.Module):
         cd = compute_dtype(x0.dtype)
         conv_out = chunked_future_conv(x0.to(cd), self.conv.to(cd), chunk_size)
         return self.project(conv_out)
-
-    def partial_rows(self, window: torch.Tensor) -> torch.Tensor:
-        """Targets of the last K positions from the K embeddings seen so far.
-
-        window: [B, K, d], the embeddings at positions p-K+1 .. p (compute dtype).
-        Row j of the result is the target of position p-j, with the taps past p
-        left at zero: its final value if the chunk ends at p, else a partial one.
-        """
-        K = self.kernel_size
-        w = self.conv.to(window.dtype)
-        rows = []
-        for j in range(K):
-            row = window[:, K - 1 - j] * w[:, 0]
-            for k in range(1, j + 1):
-                row = row + window[:, K - 1 - j + k] * w[:, k]
-            rows.append(row)
-        return self.project(torch.stack(rows, dim=1))

@@ -19,7 +19,7 @@ from torch import nn
 from moshi.modules.gating import ActivationGating
 from moshi.modules.streaming import StreamingModule
 
-from ..ops import clipped_targets, compute_dtype, inplace_ttt_update
+from ..ops import ALGORITHMS, clipped_targets, inplace_ttt_update
 from .fast_weights import FastWeightState
 from .targets import LMAlignedTargets, TargetInit
 
@@ -41,11 +41,14 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         clip_tau: if set, each chunk's update `eta * V^T Z` is scaled down to
             Frobenius norm tau when it is larger (the paper evaluated with 1e-5).
         init, init_std: how the target generator starts, see `LMAlignedTargets`.
+        algorithm: exact form for whole sequences: "dual" (short), "scan" (long) or
+            "auto" (the one with fewer operations for the length at hand).
     """
 
     def __init__(self, dim: int, hidden: int, activation: tp.Callable, *, chunk_size: int = 512,
                  eta: float = 1.0, kernel_size: int = 2, clip_tau: float | None = None,
-                 init: TargetInit = "warm", init_std: float = 0.02, device=None, dtype=None):
+                 init: TargetInit = "warm", init_std: float = 0.02, algorithm: str = "auto",
+                 device=None, dtype=None):
         super().__init__()
         _check_positive_int("dim", dim)
         _check_positive_int("hidden", hidden)
@@ -57,6 +60,8 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
             raise ValueError(f"clip_tau={clip_tau!r}: expected None (no clip) or a number > 0")
         if not init_std > 0:
             raise ValueError(f"init_std={init_std!r}: expected a number > 0")
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm={algorithm!r}: expected one of {ALGORITHMS}")
         self.dim = dim
         self.hidden = hidden
         self.linear_in = nn.Linear(dim, 2 * hidden, bias=False, device=device, dtype=dtype)
@@ -66,6 +71,7 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         self.chunk_size = chunk_size
         self.eta = float(eta)
         self.clip_tau = None if clip_tau is None else float(clip_tau)
+        self.algorithm = algorithm
         self.ttt_enabled = True
 
     @classmethod
@@ -82,7 +88,7 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         layer.linear_in, layer.linear_out = gating.linear_in, gating.linear_out
         layer.ttt_target.to_empty(device=w_out.device)
         layer.ttt_target.reset_parameters(kwargs.get("init", "warm"), kwargs.get("init_std", 0.02))
-        return layer
+        return layer.train(gating.training)
 
     @property
     def kernel_size(self) -> int:
@@ -94,12 +100,12 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
 
     def extra_repr(self) -> str:
         return (f"chunk_size={self.chunk_size}, eta={self.eta}, kernel_size={self.kernel_size}, "
-                f"clip_tau={self.clip_tau}, ttt_enabled={self.ttt_enabled}")
+                f"clip_tau={self.clip_tau}, algorithm={self.algorithm}, ttt_enabled={self.ttt_enabled}")
 
     def _init_streaming_state(self, batch_size: int) -> FastWeightState:
         weight = self.ttt_target.proj.weight
         return FastWeightState.zeros(batch_size, self.dim, self.hidden, self.chunk_size,
-                                     self.kernel_size, weight.device, compute_dtype(weight.dtype))
+                                     self.kernel_size, weight.device, weight.dtype)
 
     def gated(self, x: torch.Tensor) -> torch.Tensor:
         """Z = act(x W_gate^T) * (x W_up^T), [B, T, h]."""
@@ -119,7 +125,7 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
             update = self._parallel_update(z, x0)
         else:
             update = self._streaming_update(z, x0)
-        return (out.to(update.dtype) + update).to(out.dtype)
+        return out.add_(update)  # the sum in float32, rounded once to the model's dtype
 
     def _parallel_update(self, z: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         T = z.shape[1]
@@ -131,7 +137,7 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
                 "Use sequences longer than one chunk, or a smaller chunk_size.",
                 TTTInactiveWarning, stacklevel=2)
         v = self.ttt_target(x0, self.chunk_size)
-        return inplace_ttt_update(z, v, self.chunk_size, self.eta, self.clip_tau)
+        return inplace_ttt_update(z, v, self.chunk_size, self.eta, self.clip_tau, algorithm=self.algorithm)
 
     def _streaming_update(self, z: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """Fast-weight term of a streaming step of any length."""
@@ -165,7 +171,7 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         state.settle()
         v = self.ttt_target(x0, self.chunk_size)
         update = inplace_ttt_update(z, v, self.chunk_size, self.eta, self.clip_tau,
-                                    initial_delta=state.delta)
+                                    initial_delta=state.delta, algorithm=self.algorithm)
         state.absorb(z, clipped_targets(z, v, self.chunk_size, self.eta, self.clip_tau))
         return update
 

@@ -6,19 +6,23 @@ from .chunking import (
     clip_scales,
     compute_dtype,
     expand_chunk_values,
+    future_conv_partial_rows,
     pad_to_chunks,
 )
-from .dual import chunk_causal_dual
-from .inplace_ttt import clipped_targets, inplace_ttt_update
+from .inplace_ttt import ALGORITHMS, block_size_for, clipped_targets, inplace_ttt_update
+from .scan import block_scan
 
 __all__ = [
-    "chunk_causal_dual",
+    "ALGORITHMS",
+    "block_scan",
+    "block_size_for",
     "chunk_delta_sq_norms",
     "chunked_future_conv",
     "clip_scales",
     "clipped_targets",
     "compute_dtype",
     "expand_chunk_values",
+    "future_conv_partial_rows",
     "inplace_ttt_update",
     "pad_to_chunks",
 ]

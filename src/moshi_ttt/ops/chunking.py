@@ -37,6 +37,24 @@ def chunked_future_conv(x0: torch.Tensor, weight: torch.Tensor, chunk_size: int)
     return out.reshape(B, -1, D)[:, :T]
 
 
+def future_conv_partial_rows(window: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The conv of the last K positions from the K embeddings seen so far (streaming).
+
+    window: [B, K, D], the embeddings at positions p-K+1 .. p; weight: [D, K].
+    Row j of the result is the conv at position p-j with the taps past p left at
+    zero: its final value if the chunk ends at p, else a partial one. The sum runs
+    over taps in the same order as `chunked_future_conv`.
+    """
+    K = weight.shape[1]
+    rows = []
+    for j in range(K):
+        row = window[:, K - 1 - j] * weight[:, 0]
+        for k in range(1, j + 1):
+            row = row + window[:, K - 1 - j + k] * weight[:, k]
+        rows.append(row)
+    return torch.stack(rows, dim=1)
+
+
 def chunk_delta_sq_norms(z: torch.Tensor, v: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """||V_i^T Z_i||_F^2 for every chunk i, without forming the d x h delta.
 

@@ -1,56 +1,38 @@
-"""The chunk-causal dual form of In-Place TTT, with a backward that recomputes.
+"""The chunk-causal dual form of In-Place TTT inside a block of chunks.
 
 For chunk size C, `Y = (M * (Z Z^T)) V` with `M[s, t] = 1` iff chunk(s) > chunk(t):
 position s reads every position of the chunks strictly before its own, never its
-own chunk. Then `Z (sum_{j < i} V_j^T Z_j)^T` for the rows of chunk i equals Y,
-so In-Place TTT's output is `Z W0^T + eta * Y` without a d x h weight per chunk.
+own chunk. The rows of chunk i of Y equal `Z_i (sum_{j < i} V_j^T Z_j)^T`, the
+fast-weight term, without a d x h weight.
 
-The loop runs over query chunks, each against the keys before it: no T x T
-matrix is stored, and the backward recomputes each block, so the memory kept
-between forward and backward is Z and V only.
+These functions run over the query chunks of one block, each against the keys
+before it, accumulating into buffers the caller owns: no T x T matrix is kept,
+and the backward recomputes every score. `scan` strings blocks together.
 """
 
 import torch
 
-from .chunking import compute_dtype
+from .matmul import baddbmm_acc_, bmm_acc
 
 
-class _ChunkCausalDual(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, v: torch.Tensor, chunk_size: int) -> torch.Tensor:
-        ctx.save_for_backward(z, v)
-        ctx.chunk_size = chunk_size
-        cd = compute_dtype(v.dtype)
-        zf, vf = z.to(cd), v.to(cd)
-        B, T, _ = z.shape
-        y = torch.zeros(B, T, v.shape[-1], dtype=cd, device=v.device)
-        for start in range(chunk_size, T, chunk_size):
-            end = min(start + chunk_size, T)
-            scores = zf[:, start:end] @ zf[:, :start].transpose(1, 2)
-            torch.bmm(scores, vf[:, :start], out=y[:, start:end])
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy: torch.Tensor):
-        z, v = ctx.saved_tensors
-        chunk_size = ctx.chunk_size
-        cd = dy.dtype
-        zf, vf = z.to(cd), v.to(cd)
-        T = z.shape[1]
-        dz = torch.zeros_like(zf)
-        dv = torch.zeros_like(vf)
-        for start in range(chunk_size, T, chunk_size):
-            end = min(start + chunk_size, T)
-            zq, zk, dyq = zf[:, start:end], zf[:, :start], dy[:, start:end]
-            scores = zq @ zk.transpose(1, 2)
-            dv[:, :start].baddbmm_(scores.transpose(1, 2), dyq)
-            dscores = dyq @ vf[:, :start].transpose(1, 2)
-            dz[:, start:end].baddbmm_(dscores, zk)
-            dz[:, :start].baddbmm_(dscores.transpose(1, 2), zq)
-        return dz.to(z.dtype), dv.to(v.dtype), None
+def dual_forward_(y: torch.Tensor, z: torch.Tensor, v: torch.Tensor, chunk_size: int, op: torch.dtype) -> None:
+    """y += (M * (Z Z^T)) V; y float32 [B, L, d], z [B, L, h], v [B, L, d] in `op`."""
+    L = z.shape[1]
+    for start in range(chunk_size, L, chunk_size):
+        end = min(start + chunk_size, L)
+        scores = bmm_acc(z[:, start:end], z[:, :start].transpose(1, 2), op)
+        baddbmm_acc_(y[:, start:end], scores, v[:, :start], op)
 
 
-def chunk_causal_dual(z: torch.Tensor, v: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """`(M * (Z Z^T)) V` for z: [B, T, h], v: [B, T, d]; float32 (or float64) result."""
-    return _ChunkCausalDual.apply(z, v, chunk_size)
+def dual_backward_(dz: torch.Tensor, dv: torch.Tensor, z: torch.Tensor, v: torch.Tensor,
+                   dy: torch.Tensor, chunk_size: int, op: torch.dtype) -> None:
+    """dz, dv += the gradients of `dual_forward_` for the output gradient dy (all float32 buffers)."""
+    L = z.shape[1]
+    for start in range(chunk_size, L, chunk_size):
+        end = min(start + chunk_size, L)
+        zq, zk, dyq = z[:, start:end], z[:, :start], dy[:, start:end].to(op)
+        scores = bmm_acc(zq, zk.transpose(1, 2), op)
+        baddbmm_acc_(dv[:, :start], scores.transpose(1, 2), dyq, op)
+        dscores = bmm_acc(dyq, v[:, :start].transpose(1, 2), op)
+        baddbmm_acc_(dz[:, start:end], dscores, zk, op)
+        baddbmm_acc_(dz[:, :start], dscores.transpose(1, 2), zq, op)

@@ -5,19 +5,43 @@ where the update term for chunk i is `eta * Z_i (S0 + sum_{j<i} c_j V_j^T Z_j)^T
 S0 the delta carried in from earlier calls (streaming), c_j the clip factor.
 """
 
+import typing as tp
+
 import torch
 
 from .chunking import chunk_delta_sq_norms, clip_scales, compute_dtype, expand_chunk_values
-from .dual import chunk_causal_dual
+from .matmul import bmm_acc, operand_dtype
+from .scan import block_scan
+
+Algorithm = tp.Literal["auto", "dual", "scan"]
+ALGORITHMS: tuple[str, ...] = tp.get_args(Algorithm)
+SCAN_BLOCK = 2048  # positions per scan block (rounded to whole chunks)
+
+
+def block_size_for(algorithm: str, length: int, dim: int, hidden: int, chunk_size: int) -> int:
+    """The scan block size that implements `algorithm` for a sequence of `length`.
+
+    "dual" is one block over the whole sequence (~ T^2 (4h + 3d) / 2 multiply-adds for
+    forward and backward); "scan" uses blocks of about SCAN_BLOCK positions (~ 7 T d h);
+    "auto" takes the dual form while it needs fewer operations.
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm={algorithm!r}: expected one of {ALGORITHMS}")
+    whole = -(-length // chunk_size) * chunk_size
+    if algorithm == "auto":
+        algorithm = "dual" if length * (4 * hidden + 3 * dim) <= 14 * dim * hidden else "scan"
+    if algorithm == "dual":
+        return whole
+    return max(chunk_size, SCAN_BLOCK // chunk_size * chunk_size)
 
 
 def clipped_targets(
     z: torch.Tensor, v: torch.Tensor, chunk_size: int, eta: float, clip_tau: float | None
 ) -> torch.Tensor:
-    """V with the rows of each chunk scaled by that chunk's clip factor, in compute dtype."""
-    vf = v.to(compute_dtype(v.dtype))
+    """V with the rows of each chunk scaled by that chunk's clip factor (V itself without a clip)."""
     if clip_tau is None:
-        return vf
+        return v
+    vf = v.to(compute_dtype(v.dtype))
     sq_norms = chunk_delta_sq_norms(z.to(vf.dtype), vf, chunk_size)
     scales = clip_scales(sq_norms, eta, clip_tau)
     return vf * expand_chunk_values(scales, chunk_size, v.shape[1])
@@ -30,14 +54,16 @@ def inplace_ttt_update(
     eta: float,
     clip_tau: float | None = None,
     initial_delta: torch.Tensor | None = None,
+    algorithm: Algorithm = "auto",
 ) -> torch.Tensor:
     """Fast-weight output term, [B, T, d] in float32 (float64 for float64 inputs).
 
     z: [B, T, h] gated activations; v: [B, T, d] targets; initial_delta: [B, d, h]
     accumulated (clipped, not eta-scaled) deltas that precede position 0, if any.
     """
+    block = block_size_for(algorithm, z.shape[1], v.shape[-1], z.shape[-1], chunk_size)
     vc = clipped_targets(z, v, chunk_size, eta, clip_tau)
-    y = chunk_causal_dual(z, vc, chunk_size)
+    y = block_scan(z, vc, chunk_size, block)
     if initial_delta is not None:
-        y = y + z.to(y.dtype) @ initial_delta.transpose(1, 2)
+        y = y + bmm_acc(z, initial_delta.transpose(1, 2), operand_dtype(z.dtype, z.device))
     return eta * y

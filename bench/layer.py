@@ -1,0 +1,125 @@
+"""Layer benchmark: forward+backward time and peak memory against the plain gated MLP.
+
+Compares, in one run on one device: moshi's ActivationGating (plain), our
+InPlaceTTTGating with each exact form (dual; the block scan with several block
+sizes; and the automatic choice),
+and a reference that materialises one float32 weight per chunk, as the earlier
+codebase (and the paper's code) computed it. Ratios are to the plain MLP.
+
+    python bench/layer.py                    # Moshi's size on the GPU: d=4096, h=11264, C=512, bf16
+    python bench/layer.py --size small       # CPU-sized: d=256, h=704, C=64, float32
+"""
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from moshi.modules.gating import ActivationGating
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import environment, markdown_table, peak_memory_gib, time_ms, write_results  # noqa: E402
+
+from moshi_ttt import InPlaceTTTGating  # noqa: E402
+from moshi_ttt.ops import inplace_ttt, pad_to_chunks  # noqa: E402
+
+SIZES = {
+    "moshi": dict(dim=4096, dim_feedforward=int(4.125 * 4096), chunk=512, lengths=[3072, 12288, 49152],
+                  dtype="bfloat16"),
+    "small": dict(dim=256, dim_feedforward=int(4.125 * 256), chunk=64, lengths=[512, 2048], dtype="float32"),
+}
+
+
+def materialized_ttt(layer: InPlaceTTTGating, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """In-Place TTT with one float32 d x h weight per chunk (the costly way, for reference)."""
+    z = layer.gated(x)
+    v = layer.ttt_target(x0, layer.chunk_size)
+    T = x.shape[1]
+    zc = pad_to_chunks(z.float(), layer.chunk_size)
+    vc = pad_to_chunks(v.float(), layer.chunk_size)
+    deltas = torch.einsum("bncd,bnch->nbdh", vc, zc)
+    before = torch.cumsum(deltas, dim=0) - deltas
+    weights = layer.linear_out.weight.float() + layer.eta * before
+    out = torch.einsum("bnch,nbdh->bncd", zc, weights)
+    return out.reshape(x.shape[0], -1, x.shape[2])[:, :T].to(x.dtype)
+
+
+def with_scan_block(block: int, layer: InPlaceTTTGating, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """The layer's scan form with blocks of `block` positions."""
+    default, inplace_ttt.SCAN_BLOCK = inplace_ttt.SCAN_BLOCK, block
+    try:
+        return layer(x, x0)
+    finally:
+        inplace_ttt.SCAN_BLOCK = default
+
+
+def measure(forward, params, x, grad_out, device):
+    def step():
+        for p in params:
+            p.grad = None
+        x.grad = None
+        forward().backward(grad_out)
+    try:
+        ms = time_ms(step, device)
+        gib = peak_memory_gib(step, device)
+    except torch.OutOfMemoryError:
+        return None, None
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return ms, gib
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="moshi")
+    parser.add_argument("--lengths", type=int, nargs="*")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/layer.json"))
+    args = parser.parse_args()
+    size = SIZES[args.size]
+    device = torch.device(args.device)
+    dtype = getattr(torch, size["dtype"])
+    torch.manual_seed(0)
+    gating = ActivationGating(size["dim"], size["dim_feedforward"], F.silu, device=device, dtype=dtype)
+    layers = {alg: InPlaceTTTGating.from_gating(gating, chunk_size=size["chunk"], eta=1e-3, init="normal",
+                                                init_std=0.02, algorithm=alg)
+              for alg in ("auto", "dual", "scan")}
+    hidden = layers["auto"].hidden
+    default_block = inplace_ttt.SCAN_BLOCK
+    scan_blocks = sorted({size["chunk"], default_block, 2 * default_block})
+    rows, results = [], []
+    for T in args.lengths or size["lengths"]:
+        x = torch.randn(1, T, size["dim"], device=device, dtype=dtype, requires_grad=True)
+        x0 = torch.randn(1, T, size["dim"], device=device, dtype=dtype)
+        grad_out = torch.randn(1, T, size["dim"], device=device, dtype=dtype)
+        candidates = {"plain": (lambda: gating(x), list(gating.parameters()))}
+        for alg in ("auto", "dual"):
+            candidates[f"ttt-{alg}"] = (lambda layer=layers[alg]: layer(x, x0), list(layers[alg].parameters()))
+        for block in scan_blocks:
+            candidates[f"ttt-scan-{block}"] = (lambda block=block: with_scan_block(block, layers["scan"], x, x0),
+                                               list(layers["scan"].parameters()))
+        candidates["materialized"] = (lambda: materialized_ttt(layers["auto"], x, x0),
+                                      list(layers["auto"].parameters()))
+        measured = {name: measure(fwd, params, x, grad_out, device) for name, (fwd, params) in candidates.items()}
+        plain_ms, plain_gib = measured["plain"]
+        for name, (ms, gib) in measured.items():
+            entry = {"T": T, "impl": name, "ms": ms, "peak_gib": gib,
+                     "time_ratio": ms / plain_ms if ms else None,
+                     "memory_ratio": gib / plain_gib if gib and plain_gib else None}
+            results.append(entry)
+            rows.append([T, name, ms if ms is not None else "OOM", gib if gib is not None else "-",
+                         entry["time_ratio"] or "-", entry["memory_ratio"] or "-"])
+        del x, x0, grad_out
+    env = environment(device)
+    config = {"dim": size["dim"], "hidden": hidden, "chunk": size["chunk"], "dtype": size["dtype"], "batch": 1}
+    write_results(args.out, {**env, **config, "results": results})
+    print(f"{env['device']}, torch {env['torch']}, {env['date']}; {config}")
+    print(markdown_table(["T", "impl", "fwd+bwd ms", "peak GiB", "time / plain", "memory / plain"], rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Batched matmuls that accumulate and return in float32 (float64 for float64).
+
+The fast-weight math needs float32 sums, not float32 operands: on CUDA, bf16 and
+fp16 operands go to the tensor cores with float32 accumulation and output
+(`out_dtype`); elsewhere the operands are upcast to the compute dtype.
+"""
+
+import torch
+
+from .chunking import compute_dtype
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def operand_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype matmul operands are kept in: low precision on CUDA, else the compute dtype."""
+    if device.type == "cuda" and dtype in _LOW_PRECISION:
+        return dtype
+    return compute_dtype(dtype)
+
+
+def bmm_acc(a: torch.Tensor, b: torch.Tensor, op: torch.dtype) -> torch.Tensor:
+    """a @ b for [B, n, k] x [B, k, m], operands in `op`, result in float32 (or float64)."""
+    a, b = a.to(op), b.to(op)
+    if op in _LOW_PRECISION:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a, b)
+
+
+def baddbmm_acc_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, op: torch.dtype,
+                 alpha: float = 1.0) -> None:
+    """out += alpha * a @ b in place; `out` is float32 (or float64), operands in `op`."""
+    a, b = a.to(op), b.to(op)
+    if op in _LOW_PRECISION:
+        torch.baddbmm(out, a, b, alpha=alpha, out_dtype=torch.float32, out=out)
+    else:
+        out.baddbmm_(a, b, alpha=alpha)
