@@ -134,3 +134,30 @@ def test_saved_memory_does_not_grow_with_chunks(make_layer, algorithm):
     long_bytes, largest = saved_tensors(layer, 256, dim)
     assert long_bytes / 256 <= 1.1 * short_bytes / 32, (short_bytes, long_bytes)
     assert largest < (256 // 4) * dim * hidden / 2
+
+
+@pytest.mark.parametrize("algorithm", ["dual", "scan"])
+def test_packed_documents_share_no_fast_weights(make_layer, algorithm):
+    """Row 0 packs three documents; each equals that document run on its own."""
+    layer = make_layer(chunk_size=C, clip_tau=0.05, algorithm=algorithm)
+    lengths = [2 * C + 1, 3 * C, C + 2]
+    x, x0 = random_inputs(2, sum(lengths), layer.dim)
+    segments = torch.zeros(2, sum(lengths), dtype=torch.long)
+    segments[0] = torch.repeat_interleave(torch.tensor([4, 7, 5]), torch.tensor(lengths))
+    packed = layer(x, x0, segments)
+    start = 0
+    for n in lengths:
+        alone = layer(x[:1, start:start + n], x0[:1, start:start + n])
+        torch.testing.assert_close(packed[:1, start:start + n], alone, rtol=1e-12, atol=1e-12)
+        start += n
+    torch.testing.assert_close(packed[1:], layer(x[1:], x0[1:]), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(packed[:1], layer(x[:1], x0[:1]))
+
+
+def test_segments_must_match_and_are_not_for_streaming(make_layer):
+    layer = make_layer(chunk_size=C)
+    x, x0 = random_inputs(2, 9, layer.dim)
+    with pytest.raises(ValueError, match=r"segments has shape \(2, 8\): expected \(2, 9\)"):
+        layer(x, x0, torch.zeros(2, 8, dtype=torch.long))
+    with layer.streaming(2), pytest.raises(ValueError, match="use reset_streaming"):
+        layer(x, x0, torch.zeros(2, 9, dtype=torch.long))

@@ -171,3 +171,26 @@ def test_converting_a_model_that_streamed_before():
     streaming = build_lm(tiny_lm_config())
     with streaming.streaming(1), pytest.raises(ValueError, match="before streaming"):
         apply_ttt(streaming, TTTConfig(**ACTIVE))
+
+
+def test_packed_documents_in_the_model():
+    """With document ids, the second document's TTT term ignores the first document."""
+    from moshi_ttt import document_segments
+    lm = build_lm(tiny_lm_config(), TTTConfig(**ACTIVE))
+    codes = random_codes(lm, 1, 5 * C)
+    split = 2 * C + 3
+    segments = (torch.arange(5 * C) >= split).long()[None]
+    joined_text, _ = logits_of(lm, codes)
+    with document_segments(lm, segments):
+        packed_text, _ = logits_of(lm, codes)
+    torch.testing.assert_close(packed_text[..., :split, :], joined_text[..., :split, :], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(packed_text[..., split:, :], joined_text[..., split:, :])
+    # Every TTT layer saw the document ids: none of the second document's chunks read the first's.
+    records = []
+    for _, layer in ttt_layers(lm):
+        layer.register_forward_pre_hook(lambda m, args: records.append(args[2]))
+    with document_segments(lm, segments):
+        lm(codes)
+    assert len(records) == len(ttt_layers(lm)) and all(torch.equal(r, segments) for r in records)
+    lm(codes)
+    assert records[-1] is None

@@ -10,7 +10,7 @@ from .checkpoints import (
     ttt_state_dict,
 )
 from .config import TTTConfig
-from .convert import apply_ttt, set_ttt_enabled, ttt_layers
+from .convert import apply_ttt, document_segments, set_ttt_enabled, ttt_layers
 from .tiny import build_lm, tiny_lm_config, tiny_mimi_config
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "apply_ttt",
     "build_lm",
     "checkpoint_info",
+    "document_segments",
     "lm_from_checkpoint_info",
     "load_ttt_lm",
     "load_ttt_weights",

@@ -4,15 +4,17 @@ The conversion swaps `layer.gating` for an `InPlaceTTTGating` holding the same
 linear modules, and routes the token embeddings X0 to it with forward hooks,
 so `LMModel.forward`, `forward_text` and `LMGen` run unchanged:
 
-- a pre-hook on the main transformer passes X0 as the keyword `ttt_x0`, which
-  `StreamingTransformer` hands to every layer (and activation checkpointing
-  saves with the layer's other inputs);
-- a pre-hook on each layer takes `ttt_x0` out of the call and, on TTT layers,
-  leaves it with the gating, whose own pre-hook passes it as the second input.
+- a pre-hook on the main transformer passes X0 (and the document ids of packed
+  sequences, see `document_segments`) as keywords, which `StreamingTransformer`
+  hands to every layer (and activation checkpointing saves with the layer's
+  other inputs);
+- a pre-hook on each layer takes them out of the call and, on TTT layers,
+  leaves them with the gating, whose own pre-hook passes them as inputs.
 
 Hooks are `functools.partial`s of modules, so `copy.deepcopy` keeps them consistent.
 """
 
+import contextlib
 import functools
 import typing as tp
 
@@ -26,6 +28,7 @@ from ..modules import InPlaceTTTGating
 from .config import TTTConfig
 
 X0_KWARG = "ttt_x0"
+SEGMENTS_KWARG = "ttt_segments"
 
 
 def apply_ttt(lm_model: LMModel, config: TTTConfig) -> LMModel:
@@ -71,26 +74,43 @@ def _forget_streaming_children(lm_model: LMModel) -> None:
 
 def _route_embeddings(lm_model: LMModel, source: str) -> None:
     transformer = lm_model.transformer
-    if source == "hidden":
-        for _, gating in ttt_layers(transformer):
-            gating.register_forward_pre_hook(_hidden_as_embeddings)
-        return
     if source == "text":
         lm_model.text_emb.register_forward_hook(_keep_output)
         provider = functools.partial(_take_kept_output, lm_model.text_emb)
-    else:
+    elif source == "input":
         provider = _first_input
-    transformer.register_forward_pre_hook(
-        functools.partial(_pass_embeddings, provider), with_kwargs=True)
+    else:
+        provider = _no_embeddings
+    transformer.register_forward_pre_hook(functools.partial(_pass_inputs, provider), with_kwargs=True)
     for layer in transformer.layers:
-        layer.register_forward_pre_hook(_hand_embeddings_to_gating, with_kwargs=True)
+        layer.register_forward_pre_hook(_hand_inputs_to_gating, with_kwargs=True)
         if isinstance(layer.gating, InPlaceTTTGating):
-            layer.gating.register_forward_pre_hook(_add_routed_embeddings)
-            layer.register_forward_hook(_drop_routed_embeddings)
+            layer.gating.register_forward_pre_hook(
+                functools.partial(_add_routed_inputs, source == "hidden"))
+            layer.register_forward_hook(_drop_routed_inputs)
+
+
+@contextlib.contextmanager
+def document_segments(lm_model: LMModel, segments: torch.Tensor | None) -> tp.Iterator[None]:
+    """Within the block, whole-sequence forwards of `lm_model` treat packed documents apart.
+
+    segments: [B, T] document id of each position, T the transformer's length (for
+    `LMModel.forward(codes)`, the length of `codes`). Every document gets its own
+    fast weights, starting from W0.
+    """
+    lm_model.transformer._ttt_segments = segments
+    try:
+        yield
+    finally:
+        lm_model.transformer._ttt_segments = None
 
 
 def _first_input(args: tuple) -> torch.Tensor:
     return args[0]
+
+
+def _no_embeddings(args: tuple) -> None:
+    return None
 
 
 def _keep_output(module: nn.Module, args, output: torch.Tensor) -> None:
@@ -106,31 +126,29 @@ def _take_kept_output(module: nn.Module, args: tuple) -> torch.Tensor:
     return output
 
 
-def _pass_embeddings(provider: tp.Callable, module: nn.Module, args: tuple, kwargs: dict):
+def _pass_inputs(provider: tp.Callable, transformer: nn.Module, args: tuple, kwargs: dict):
     kwargs[X0_KWARG] = provider(args)
+    kwargs[SEGMENTS_KWARG] = getattr(transformer, "_ttt_segments", None)
     return args, kwargs
 
 
-def _hand_embeddings_to_gating(layer: nn.Module, args: tuple, kwargs: dict):
-    x0 = kwargs.pop(X0_KWARG, None)
+def _hand_inputs_to_gating(layer: nn.Module, args: tuple, kwargs: dict):
+    routed = kwargs.pop(X0_KWARG, None), kwargs.pop(SEGMENTS_KWARG, None)
     if isinstance(layer.gating, InPlaceTTTGating):
-        layer.gating._routed_x0 = x0
+        layer.gating._routed_inputs = routed
     return args, kwargs
 
 
-def _add_routed_embeddings(gating: InPlaceTTTGating, args: tuple):
+def _add_routed_inputs(x0_is_hidden: bool, gating: InPlaceTTTGating, args: tuple):
     if len(args) != 1:
         return None
-    x0 = getattr(gating, "_routed_x0", None)
-    if x0 is None:
+    routed = getattr(gating, "_routed_inputs", None)
+    if routed is None:
         raise RuntimeError("In-Place TTT layer called without token embeddings: run the model "
                            "through LMModel.forward / forward_text, or call the layer as layer(x, x0)")
-    return args[0], x0
+    x0, segments = routed
+    return args[0], args[0] if x0_is_hidden else x0, segments
 
 
-def _drop_routed_embeddings(layer: nn.Module, args, output) -> None:
-    layer.gating._routed_x0 = None
-
-
-def _hidden_as_embeddings(gating: InPlaceTTTGating, args: tuple):
-    return (args[0], args[0]) if len(args) == 1 else None
+def _drop_routed_inputs(layer: nn.Module, args, output) -> None:
+    layer.gating._routed_inputs = None

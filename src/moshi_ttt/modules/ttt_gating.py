@@ -19,7 +19,7 @@ from torch import nn
 from moshi.modules.gating import ActivationGating
 from moshi.modules.streaming import StreamingModule
 
-from ..ops import ALGORITHMS, clipped_targets, inplace_ttt_update
+from ..ops import ALGORITHMS, chunk_delta_sq_norms, clipped_targets, compute_dtype, inplace_ttt_update
 from .fast_weights import FastWeightState
 from .targets import LMAlignedTargets, TargetInit
 
@@ -73,6 +73,9 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         self.clip_tau = None if clip_tau is None else float(clip_tau)
         self.algorithm = algorithm
         self.ttt_enabled = True
+        # Diagnostics: when set, whole-sequence forwards append eta * ||V_i^T Z_i||_F per chunk.
+        self.record_update_norms = False
+        self.update_norms: list[torch.Tensor] = []
 
     @classmethod
     def from_gating(cls, gating: nn.Module, **kwargs) -> "InPlaceTTTGating":
@@ -114,29 +117,47 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         h = h.view(B, T, 2, -1)
         return self.activation(h[..., 0, :]) * h[..., 1, :]
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, d] MLP input (hidden states); x0: [B, T, d] token embeddings."""
-        self._check_inputs(x, x0)
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, d] MLP input (hidden states); x0: [B, T, d] token embeddings.
+
+        segments: optional [B, T] document ids of packed sequences (whole sequences
+        only); each document gets its own fast weights, starting from W0.
+        """
+        self._check_inputs(x, x0, segments)
         z = self.gated(x)
         out = self.linear_out(z)
         if not self.ttt_active:
             return out
         if self._streaming_state is None:
-            update = self._parallel_update(z, x0)
+            update = self._parallel_update(z, x0, segments)
         else:
             update = self._streaming_update(z, x0)
         return out.add_(update)  # the sum in float32, rounded once to the model's dtype
 
-    def _parallel_update(self, z: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        T = z.shape[1]
-        if self.training and T <= self.chunk_size:
+    def _parallel_update(self, z: torch.Tensor, x0: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
+        spans = document_spans(segments, z.shape[1])
+        longest = max(end - start for row in spans for start, end in row)
+        if self.training and longest <= self.chunk_size:
             warnings.warn(
-                f"In-Place TTT cannot act on a training sequence of {T} tokens with chunk_size="
+                f"In-Place TTT cannot act on a training sequence of {longest} tokens with chunk_size="
                 f"{self.chunk_size}: a chunk only sees the updates of earlier chunks, so a sequence "
                 "that fits in one chunk gets the plain MLP and the target generator no gradient. "
                 "Use sequences longer than one chunk, or a smaller chunk_size.",
                 TTTInactiveWarning, stacklevel=2)
+        if all(len(row) == 1 for row in spans):
+            return self._document_update(z, x0)
+        rows = [torch.cat([self._document_update(z[b:b + 1, start:end], x0[b:b + 1, start:end])
+                           for start, end in row], dim=1) for b, row in enumerate(spans)]
+        return torch.cat(rows, dim=0)
+
+    def _document_update(self, z: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Fast-weight term of whole documents that start at position 0."""
         v = self.ttt_target(x0, self.chunk_size)
+        if self.record_update_norms:
+            with torch.no_grad():
+                vc = clipped_targets(z, v, self.chunk_size, self.eta, self.clip_tau)
+                norms = chunk_delta_sq_norms(z.to(vc.dtype), vc.to(compute_dtype(vc.dtype)), self.chunk_size)
+                self.update_norms.append(self.eta * norms.sqrt().flatten())
         return inplace_ttt_update(z, v, self.chunk_size, self.eta, self.clip_tau, algorithm=self.algorithm)
 
     def _streaming_update(self, z: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -183,7 +204,7 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         positions = state.pos.unique()
         return int(positions[0]) if positions.numel() == 1 else None
 
-    def _check_inputs(self, x: torch.Tensor, x0: torch.Tensor) -> None:
+    def _check_inputs(self, x: torch.Tensor, x0: torch.Tensor, segments: torch.Tensor | None) -> None:
         if not isinstance(x0, torch.Tensor):
             raise TypeError(f"x0 (token embeddings) must be a tensor, got {type(x0).__name__}")
         for name, t in (("x", x), ("x0", x0)):
@@ -198,6 +219,23 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
             raise ValueError(f"hidden states on {x.device} but token embeddings on {x0.device}")
         if x.shape[1] == 0:
             raise ValueError("empty sequence: x has 0 time steps")
+        if segments is not None:
+            if segments.shape != x.shape[:2]:
+                raise ValueError(f"segments has shape {tuple(segments.shape)}: expected {tuple(x.shape[:2])}")
+            if self._streaming_state is not None:
+                raise ValueError("segments are for whole sequences; in streaming, use reset_streaming(mask)")
+
+
+def document_spans(segments: torch.Tensor | None, length: int) -> list[list[tuple[int, int]]]:
+    """[(start, end), ...] of the runs of equal document ids in each row (one span without ids)."""
+    if segments is None:
+        return [[(0, length)]]
+    change = (segments[:, 1:] != segments[:, :-1]).cpu()
+    spans = []
+    for row in change:
+        cuts = [0, *(row.nonzero().flatten() + 1).tolist(), length]
+        spans.append(list(zip(cuts[:-1], cuts[1:])))
+    return spans
 
 
 def _check_positive_int(name: str, value) -> None:
