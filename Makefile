@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup
-	$(BIN)/moshi-ttt smoke
+	$(BIN)/moshi-ttt train
 
 test: setup
 	$(BIN)/python -m pytest

@@ -26,6 +26,18 @@ def write_tokenizer(path: Path, vocab_size: int) -> Path:
     return path
 
 
+def random_mimi(card: int, seed: int = 0):
+    """A tiny Mimi with random weights and random codebooks (so its codes vary)."""
+    torch.manual_seed(seed)
+    mimi = loaders.get_mimi(None, tiny_mimi_config(card))
+    with torch.no_grad():
+        for module in mimi.modules():
+            if hasattr(module, "embedding_sum"):
+                module.embedding_sum.normal_(std=0.02)  # the scale of its latents
+                module._initialized.fill_(1)
+    return mimi
+
+
 def write_plain_checkpoint(directory: Path, seed: int = 0, with_assets: bool = False,
                            **config_overrides) -> Path:
     """A random-weight Moshi checkpoint directory as moshi's loaders read it."""
@@ -35,8 +47,7 @@ def write_plain_checkpoint(directory: Path, seed: int = 0, with_assets: bool = F
     save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(directory / loaders.MOSHI_NAME))
     config = dict(lm_config, **config_overrides)
     if with_assets:
-        torch.manual_seed(seed)
-        mimi = loaders.get_mimi(None, tiny_mimi_config(lm_config["card"]))
+        mimi = random_mimi(lm_config["card"], seed)
         save_file(mimi.state_dict(), str(directory / "mimi.safetensors"))
         (directory / "mimi_config.json").write_text(json.dumps(tiny_mimi_config(lm_config["card"])))
         write_tokenizer(directory / "tokenizer.model", lm_config["text_card"])

@@ -1,0 +1,36 @@
+"""`moshi-ttt train`: parse the command line, load the config, run."""
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+from .config import TrainConfig
+
+
+def train_command(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="moshi-ttt train",
+        description="Finetune a TTT Moshi. With no config: the tiny model on the synthetic dataset, on the CPU.")
+    parser.add_argument("--config", type=Path, help="training config (YAML); defaults for what it leaves out")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config value, e.g. --set max_steps=50 --set optim.lr=3e-4")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    parser.add_argument("--stop-after", type=int, help="stop after this step (the schedule keeps max_steps)")
+    args = parser.parse_args(argv)
+    data = {}
+    if args.config is not None:
+        if not args.config.is_file():
+            raise SystemExit(f"training config not found: {args.config}")
+        data = yaml.safe_load(args.config.read_text()) or {}
+    for override in args.overrides:
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {override!r}: expected KEY=VALUE")
+        target = data
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = yaml.safe_load(value)
+    from .trainer import train
+    train(TrainConfig.from_dict(data), resume=args.resume, stop_after=args.stop_after)

@@ -1,0 +1,63 @@
+"""What trains: `ttt`, `ttt_layers`, `lora` or `full`, and the parameter groups logged.
+
+- ttt: the TTT parameters only (the target generators).
+- ttt_layers: every parameter of the transformer layers that hold TTT.
+- lora: moshi's LoRA on the linear layers, plus the TTT parameters (the target
+  generators stay full matrices, not LoRA).
+- full: everything.
+"""
+
+import torch
+from moshi.models.lm import LMModel
+from moshi.modules.lora import LoRALinear, replace_all_linear_with_lora
+
+from ..models.convert import ttt_layers
+
+GROUPS = ("ttt_target", "w_down", "lora", "other")
+
+
+def parameter_group(name: str) -> str:
+    """The group a parameter's gradient norm is logged under."""
+    if ".ttt_target." in name:
+        return "ttt_target"
+    if "lora_A" in name or "lora_B" in name:
+        return "lora"
+    if ".gating.linear_out." in name and ".depformer." not in name:
+        return "w_down"
+    return "other"
+
+
+def apply_mode(lm: LMModel, mode: str, lora_rank: int = 16, lora_scaling: float = 2.0) -> dict[str, int]:
+    """Set requires_grad for `mode` (adding LoRA for "lora"); return trainable counts per group."""
+    if mode == "lora":
+        _add_lora(lm, lora_rank, lora_scaling)
+    ttt_layer_prefixes = tuple(name.removesuffix("gating") for name, _ in ttt_layers(lm))
+    for name, param in lm.named_parameters():
+        if mode == "full":
+            trains = True
+        elif mode == "ttt_layers":
+            trains = name.startswith(ttt_layer_prefixes)
+        elif mode == "lora":
+            trains = parameter_group(name) in ("ttt_target", "lora")
+        elif mode == "ttt":
+            trains = parameter_group(name) == "ttt_target"
+        else:
+            raise ValueError(f"mode={mode!r}: expected one of ttt, ttt_layers, lora, full")
+        param.requires_grad_(trains)
+    counts = {group: 0 for group in GROUPS}
+    for name, param in lm.named_parameters():
+        if param.requires_grad:
+            counts[parameter_group(name)] += param.numel()
+    return counts
+
+
+def _add_lora(lm: LMModel, rank: int, scaling: float) -> None:
+    """moshi's LoRA on every linear layer but the TTT target projections; B starts at zero,
+    so the model starts as it was."""
+    replace_all_linear_with_lora(lm, rank, scaling)
+    for _, layer in ttt_layers(lm):
+        if isinstance(layer.ttt_target.proj, LoRALinear):
+            layer.ttt_target.proj = layer.ttt_target.proj.frozen_W
+    for module in lm.modules():
+        if isinstance(module, LoRALinear):
+            torch.nn.init.zeros_(module.lora_B.weight)

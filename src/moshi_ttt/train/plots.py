@@ -1,0 +1,27 @@
+"""A PNG of a run's losses, beside its metrics.jsonl."""
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_losses(run_dir: Path) -> Path:
+    entries = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("loss", "text_loss", "audio_loss"):
+        points = [(e["step"], e[key]) for e in entries if key in e]
+        ax.plot(*zip(*points), label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (weighted)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = run_dir / "losses.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

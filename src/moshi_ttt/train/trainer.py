@@ -1,0 +1,245 @@
+"""The training loop of `moshi-ttt train`: one process, or many under torchrun.
+
+Each step reads `batch_size * world_size * num_microbatches` rows from the
+shared data stream (process r takes its own rows), accumulates gradients over
+the micro-batches, clips them, and takes an AdamW step (warm-up, then cosine decay).
+The loss is normalised by the step's total token weight over every process, so
+a step is the same whatever the split.
+"""
+
+import contextlib
+import functools
+import json
+import math
+import time
+import typing as tp
+from pathlib import Path
+
+import torch
+from moshi.models.lm import LMModel
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..models import build_lm, checkpoint_info, document_segments, load_ttt_lm, save_ttt_lm, tiny_lm_config
+from ..models.convert import ttt_layers
+from ..utils.atomic import atomic_file
+from .batches import DocumentSource, SequenceBatcher
+from .checkpointing import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .distributed import Distributed, setup
+from .loss import loss_weights, weighted_losses
+from .modes import GROUPS, apply_mode, parameter_group
+
+
+def warmup_cosine(total_steps: int, warmup_share: float, step: int) -> float:
+    """Learning-rate factor: linear warm-up over `warmup_share` of the steps, then a cosine to 0."""
+    warmup = max(1, round(warmup_share * total_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def build_model(config: TrainConfig, device: torch.device) -> LMModel:
+    """The TTT model to train, its trainable parameters in float32."""
+    dtype = torch.bfloat16 if (device.type == "cuda" and config.bf16) else torch.float32
+    if config.model == "tiny":
+        lm = build_lm(tiny_lm_config(), config.ttt, seed=config.seed, device=device, dtype=dtype)
+    else:
+        raw = checkpoint_info(config.model).raw_config or {}
+        lm = load_ttt_lm(config.model, None if "ttt" in raw else config.ttt, device=device, dtype=dtype)
+    lm.train()
+    lm.transformer.checkpointing = config.gradient_checkpointing
+    return lm
+
+
+def build_source(config: TrainConfig, lm: LMModel) -> DocumentSource:
+    data = config.data
+    if data.source == "synthetic":
+        from .synthetic import SyntheticDocuments
+        s = data.synthetic
+        return SyntheticDocuments(s.num_documents, s.frames, s.pairs, num_codebooks=lm.num_codebooks,
+                                  dep_q=lm.dep_q, card=lm.card, text_card=lm.text_card,
+                                  text_padding_id=lm.text_padding_token_id, seed=config.seed)
+    if data.source == "codes":
+        from .code_files import CodeFiles
+        return CodeFiles(data.train_data, lm.num_codebooks)
+    from .finetune_data import FinetuneConversations
+    if config.model == "tiny":
+        raise ValueError("data.source='finetune' needs a model checkpoint (its Mimi and text tokenizer), "
+                         "not model='tiny'")
+    info = checkpoint_info(config.model, mimi_weights=data.mimi_weights, tokenizer=data.tokenizer)
+    for what, path in (("Mimi weights", info.mimi_weights), ("text tokenizer", info.tokenizer)):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{what} not found: {path} (set data.mimi_weights / data.tokenizer)")
+    return FinetuneConversations(data.train_data, info.get_mimi(device="cpu"), info.get_text_tokenizer(),
+                                 padding_id=lm.text_padding_token_id, end_padding_id=lm.end_of_text_padding_id,
+                                 dep_q=lm.dep_q, num_codebooks=lm.num_codebooks)
+
+
+class MetricsLog:
+    """TensorBoard scalars and a metrics.jsonl, written by the main process."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, step)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train(config: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict[str, tp.Any]:
+    """Run (or resume) training; `stop_after` ends this process early, the schedule unchanged."""
+    dist = setup(config.device)
+    try:
+        return _train(config, dist, resume, stop_after)
+    finally:
+        dist.close()
+
+
+def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int | None) -> dict[str, tp.Any]:
+    run_dir = Path(config.run_dir)
+    torch.manual_seed(config.seed)
+    lm = build_model(config, dist.device)
+    counts = apply_mode(lm, config.mode, config.lora.rank, config.lora.scaling)
+    params = [p for p in lm.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    if not params:
+        raise ValueError(f"mode={config.mode!r} leaves nothing to train in this model")
+    batcher = SequenceBatcher(build_source(config, lm), config.frames, seed=config.seed,
+                              shuffle=config.data.shuffle)
+    optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
+                                  weight_decay=config.optim.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(warmup_cosine, config.max_steps, config.optim.pct_start))
+    step = 0
+    if resume:
+        step = _resume(run_dir, lm, optimizer, schedule, batcher)
+    model = DistributedDataParallel(lm, find_unused_parameters=True) if dist.enabled else lm
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_file(run_dir / "config.yaml") as tmp:
+            tmp.write_text(config.to_yaml())
+        print(config.to_yaml())
+        print("trainable parameters: " + ", ".join(f"{g} {counts[g]:,}" for g in GROUPS))
+    metrics_log = MetricsLog(run_dir, dist.is_main)
+    last_step = min(config.max_steps, stop_after) if stop_after is not None else config.max_steps
+    rows_per_step = config.batch_size * dist.world_size * config.num_microbatches
+    losses = []
+    progress = tqdm(range(step, last_step), initial=step, total=config.max_steps, desc="train",
+                    disable=not dist.is_main)
+    for step in progress:
+        start = time.perf_counter()
+        log_now = (step + 1) % config.log_freq == 0
+        for _, layer in ttt_layers(lm):
+            layer.record_update_norms = log_now
+        metrics = _train_step(config, dist, lm, model, batcher, optimizer)
+        schedule.step()
+        metrics["lr"] = schedule.get_last_lr()[0]
+        metrics["frames_per_s"] = rows_per_step * config.frames / (time.perf_counter() - start)
+        losses.append(metrics["loss"])
+        progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
+                             fps=f"{metrics['frames_per_s']:.0f}")
+        if log_now:
+            metrics.update(_update_norms(lm))
+        metrics_log.log(step + 1, metrics)
+        if (step + 1) % config.ckpt_freq == 0 or step + 1 == config.max_steps:
+            if dist.is_main:
+                state = {"step": step + 1, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                         "rng": rng_state(), "data": batcher.state_dict()}
+                save_checkpoint(run_dir, step + 1, lm, state, config.to_yaml(), config.keep_last)
+            dist.barrier()
+    metrics_log.close()
+    if dist.is_main and losses:
+        from .plots import plot_losses
+        print(f"losses plotted in {plot_losses(run_dir)}")
+    if last_step == config.max_steps and dist.is_main:
+        _export(lm, config, run_dir / "final")
+    return {"losses": losses, "trainable": counts, "run_dir": str(run_dir)}
+
+
+def _train_step(config: TrainConfig, dist: Distributed, lm: LMModel, model: torch.nn.Module,
+                batcher: SequenceBatcher, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    micro_rows = config.batch_size * dist.world_size
+    batches = []
+    for _ in range(config.num_microbatches):
+        mine = range(dist.rank * config.batch_size, (dist.rank + 1) * config.batch_size)
+        codes, segments = batcher.next_rows(micro_rows, keep=lambda row: row in mine)
+        codes, segments = codes.to(dist.device), segments.to(dist.device)
+        batches.append((codes, segments, loss_weights(lm, codes, config.first_codebook_weight_multiplier,
+                                                      config.text_padding_weight)))
+    totals = dist.all_reduce_sum(sum(w.totals() for _, _, w in batches)).clamp(min=1e-6)
+    sums = torch.zeros(2, device=dist.device)
+    for i, (codes, segments, weights) in enumerate(batches):
+        last = i == len(batches) - 1
+        sync = contextlib.nullcontext() if (last or not dist.enabled) else model.no_sync()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dist.device.type == "cuda" and config.bf16)
+        with sync, autocast, document_segments(lm, segments):
+            parts = weighted_losses(model(codes), codes, weights)
+            (parts / totals).sum().mul(dist.world_size).backward()
+        sums += parts.detach()
+    grad_norms = _grad_norms(lm)
+    if config.max_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in lm.parameters() if p.requires_grad], config.max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    text, audio = (dist.all_reduce_sum(sums) / totals).tolist()
+    if not math.isfinite(text + audio):
+        raise FloatingPointError(f"the loss is not finite (text {text}, audio {audio})")
+    return {"loss": text + audio, "text_loss": text, "audio_loss": audio, **grad_norms}
+
+
+def _grad_norms(lm: LMModel) -> dict[str, float]:
+    squares = {group: 0.0 for group in GROUPS}
+    for name, param in lm.named_parameters():
+        if param.grad is not None:
+            squares[parameter_group(name)] += param.grad.detach().float().square().sum().item()
+    return {f"grad_norm/{g}": math.sqrt(v) for g, v in squares.items() if v > 0}
+
+
+def _update_norms(lm: LMModel) -> dict[str, float]:
+    """Mean Frobenius norm of each TTT layer's per-chunk fast-weight update, eta * ||V^T Z||."""
+    out = {}
+    for name, layer in ttt_layers(lm):
+        if layer.update_norms:
+            out[f"fast_weight_update/{name}"] = torch.cat(layer.update_norms).mean().item()
+        layer.update_norms.clear()
+        layer.record_update_norms = False
+    return out
+
+
+def _resume(run_dir: Path, lm: LMModel, optimizer, schedule, batcher: SequenceBatcher) -> int:
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+    state = load_checkpoint(checkpoints[-1], lm)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    batcher.load_state_dict(state["data"])
+    set_rng_state(state["rng"])
+    print(f"resumed from {checkpoints[-1]} (step {state['step']})")
+    return state["step"]
+
+
+def _export(lm: LMModel, config: TrainConfig, directory: Path) -> None:
+    """The trained model as a TTT model directory (LoRA merged), for load_ttt_lm and serving."""
+    from moshi.modules.lora import replace_lora_with_linear
+    if config.mode == "lora":
+        replace_lora_with_linear(lm)
+    save_ttt_lm(lm, directory)
+    print(f"trained model saved to {directory}")
+

@@ -1,0 +1,158 @@
+"""`moshi-ttt train`: learning, exact resume, torchrun, modes, checkpoints."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from moshi_ttt import TTTConfig, build_lm, tiny_lm_config
+from moshi_ttt.train import TrainConfig, train
+from moshi_ttt.train import checkpointing, trainer
+from moshi_ttt.train.modes import apply_mode
+
+SMALL = {"max_steps": 8, "batch_size": 2, "seq_frames": 96, "log_freq": 1, "ckpt_freq": 4,
+         "ttt": {"every": 2, "chunk_size": 32, "init": "normal", "init_std": 0.05, "eta": 0.05},
+         "data": {"synthetic": {"num_documents": 16, "frames": 64, "pairs": 3}}}
+
+
+def config(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
+    data = yaml.safe_load(yaml.safe_dump(SMALL))
+    data.update(overrides)
+    data["run_dir"] = str(tmp_path / name)
+    return TrainConfig.from_dict(data)
+
+
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return {entry["step"]: entry["loss"] for entry in map(json.loads, lines)}
+
+
+def test_loss_goes_down_on_synthetic_data(tmp_path):
+    result = train(config(tmp_path, max_steps=40, ckpt_freq=40, optim={"lr": 3e-3}))
+    losses = result["losses"]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < sum(losses[:3]) / 3 - 1.0, losses
+    assert (tmp_path / "run" / "final" / "ttt.safetensors").is_file()
+    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert logged["grad_norm/ttt_target"] > 0
+    assert any(k.startswith("fast_weight_update/transformer.layers.") for k in logged)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    whole = train(config(tmp_path, "whole"))["losses"]
+    first = train(config(tmp_path, "split"), stop_after=4)["losses"]
+    assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "split")] == ["step_000004"]
+    rest = train(config(tmp_path, "split"), resume=True)["losses"]
+    assert first + rest == whole
+    assert logged_losses(tmp_path / "split") == logged_losses(tmp_path / "whole")
+    final_whole = load_file(str(tmp_path / "whole" / "checkpoints" / "step_000008" / "trainable.safetensors"))
+    final_split = load_file(str(tmp_path / "split" / "checkpoints" / "step_000008" / "trainable.safetensors"))
+    assert final_whole.keys() == final_split.keys()
+    assert all(torch.equal(final_whole[k], final_split[k]) for k in final_whole)
+
+
+def test_two_processes_take_the_same_steps_as_one(tmp_path):
+    single = config(tmp_path, "single", max_steps=3, ckpt_freq=3)
+    train(single)
+    double = config(tmp_path, "double", max_steps=3, ckpt_freq=3, batch_size=1, device="cpu")
+    (tmp_path / "double.yaml").write_text(double.to_yaml())
+    torchrun = Path(sys.executable).parent / "torchrun"
+    command = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "moshi_ttt.cli", "train",
+               "--config", str(tmp_path / "double.yaml")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    one, two = logged_losses(tmp_path / "single"), logged_losses(tmp_path / "double")
+    assert one.keys() == two.keys() == {1, 2, 3}
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5)
+    a = load_file(str(tmp_path / "single" / "checkpoints" / "step_000003" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "double" / "checkpoints" / "step_000003" / "trainable.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["ttt", "ttt_layers", "lora", "full"])
+def test_each_mode_trains_exactly_what_it_names(tmp_path, mode):
+    lm = build_lm(tiny_lm_config(), TTTConfig(every=2, chunk_size=32))
+    counts = apply_mode(lm, mode, lora_rank=4)
+    trainable = {n for n, p in lm.named_parameters() if p.requires_grad}
+    everything = {n for n, _ in lm.named_parameters()}
+    ttt = {n for n in everything if ".ttt_target." in n}
+    if mode == "ttt":
+        assert trainable == ttt
+    elif mode == "ttt_layers":
+        assert trainable == {n for n in everything if n.startswith(("transformer.layers.0.", "transformer.layers.2."))}
+        assert ttt < trainable and "transformer.layers.1.gating.linear_in.weight" not in trainable
+    elif mode == "lora":
+        lora = {n for n in everything if ".lora_A." in n or ".lora_B." in n}
+        assert lora and trainable == lora | ttt
+        assert not any(".ttt_target.proj.lora" in n for n in everything)
+    else:
+        assert trainable == everything
+    assert sum(counts.values()) == sum(p.numel() for p in lm.parameters() if p.requires_grad)
+
+    run = config(tmp_path, mode=mode, max_steps=1, ckpt_freq=1, lora={"rank": 4})
+    start = trainer.build_model(run, torch.device("cpu"))
+    apply_mode(start, mode, lora_rank=4)
+    before = {n: p.detach().clone() for n, p in start.named_parameters()}
+    train(run)
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "step_000001" / "trainable.safetensors"))
+    assert set(saved) == trainable
+    changed = {n for n in saved if not torch.equal(saved[n], before[n])}
+    assert ttt <= changed <= trainable
+
+
+def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    run = config(tmp_path, max_steps=8, ckpt_freq=4)
+    train(run, stop_after=4)
+    previous = {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoints" / "step_000004").iterdir()}
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpointing.torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        train(run, resume=True)
+    checkpoints = checkpointing.list_checkpoints(tmp_path / "run")
+    assert [p.name for p in checkpoints] == ["step_000004"]
+    assert {p.name: p.read_bytes() for p in checkpoints[0].iterdir()} == previous
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"max_step": 3}, r"unknown config key\(s\) \['max_step'\]"),
+    ({"optim": {"learning_rate": 1}}, r"unknown config key\(s\) \['optim.learning_rate'\]"),
+    ({"batch_size": 0}, r"batch_size=0: expected an integer >= 1"),
+    ({"optim": {"lr": -1.0}}, r"optim.lr=-1.0: expected a finite number > 0"),
+    ({"mode": "partial"}, r"mode='partial': expected one of"),
+    ({"data": {"source": "codes"}}, r"data.train_data is required for data.source='codes'"),
+    ({"duration_sec": 10.0}, r"give exactly one of the two"),
+    ({"ttt": {"chunk_size": 0}}, r"ttt: ttt.chunk_size=0"),
+    ({"data": {"synthetic": {"frames": 10}}}, None),
+])
+def test_bad_config_names_the_field(data, match):
+    if match is None:
+        from moshi_ttt.train.synthetic import SyntheticDocuments
+        with pytest.raises(ValueError, match=r"data.synthetic.frames=10: too short"):
+            SyntheticDocuments(4, 10, 6, num_codebooks=5, dep_q=2, card=64, text_card=120, text_padding_id=3)
+        return
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_dict(data)
+
+
+def test_config_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="training config not found"):
+        TrainConfig.load(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("max_steps: [1\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        TrainConfig.load(tmp_path / "bad.yaml")
+    run = config(tmp_path)
+    (tmp_path / "good.yaml").write_text(run.to_yaml())
+    assert TrainConfig.load(tmp_path / "good.yaml") == run
