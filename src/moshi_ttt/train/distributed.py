@@ -42,7 +42,7 @@ def setup(device: str = "auto") -> Distributed:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and world_size > 1:
+    if device == "cuda":
         device = f"cuda:{local_rank}"
     target = torch.device(device)
     if target.type == "cuda":
