@@ -45,10 +45,11 @@ def test_loss_goes_down_on_synthetic_data(tmp_path):
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    whole = train(config(tmp_path, "whole"))["losses"]
-    first = train(config(tmp_path, "split"), stop_after=4)["losses"]
-    assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "split")] == ["step_000004"]
-    rest = train(config(tmp_path, "split"), resume=True)["losses"]
+    whole = train(config(tmp_path, "whole", ckpt_freq=3))["losses"]
+    first = train(config(tmp_path, "split", ckpt_freq=3), stop_after=4)["losses"]
+    # A checkpoint every 3 steps, and one where the run stopped.
+    assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "split")] == ["step_000003", "step_000004"]
+    rest = train(config(tmp_path, "split", ckpt_freq=3), resume=True)["losses"]
     assert first + rest == whole
     assert logged_losses(tmp_path / "split") == logged_losses(tmp_path / "whole")
     final_whole = load_file(str(tmp_path / "whole" / "checkpoints" / "step_000008" / "trainable.safetensors"))

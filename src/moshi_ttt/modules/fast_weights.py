@@ -25,7 +25,6 @@ kept up to date row by row as rows are folded.
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from moshi.modules.streaming import State
 
 from ..ops import clip_scales, compute_dtype, future_conv_partial_rows
@@ -124,12 +123,13 @@ class FastWeightState(State):
         read_copy = None if self.delta_read is self.delta else self.delta_read
         return _token_step(self.delta, read_copy, self.z_ring, self.v_ring, self.x0_tail, self.pos,
                            self.slot, self.prev_scale, self.cur_sq_norm, self.exec_mask, z, x0,
-                           targets.conv, targets.proj.weight, eta, clip_tau)
+                           targets, eta, clip_tau)
 
 
 def _token_step(delta, read_copy, z_ring, v_ring, x0_tail, pos, slot, prev_scale, cur_sq_norm, run,
-                z, x0, conv, proj, eta: float, clip_tau: float | None):
-    """`FastWeightState.step` on plain tensors (torch.compile made it slower on an H100)."""
+                z, x0, targets, eta: float, clip_tau: float | None):
+    """`FastWeightState.step` on the state's tensors. (Left to eager mode: under
+    torch.compile the step ran slower on an H100.)"""
     B, dim, hidden = delta.shape
     C = z_ring.shape[1] // 2
     K = x0_tail.shape[1] + 1
@@ -168,7 +168,7 @@ def _token_step(delta, read_copy, z_ring, v_ring, x0_tail, pos, slot, prev_scale
 
     # Targets of positions p-K+1 .. p from the embeddings seen so far.
     window = torch.cat([x0_tail, x0.to(x0_tail.dtype)[:, None]], dim=1)
-    v_rows = F.linear(future_conv_partial_rows(window, conv.to(window.dtype)).to(proj.dtype), proj)
+    v_rows = targets.project(future_conv_partial_rows(window, targets.conv.to(window.dtype)))
     row_pos = p[:, None] - torch.arange(K, device=dev)[None]  # [B, K], row j: position p - j
     row_ok = row_pos >= 0
     for j in range(K):

@@ -155,8 +155,9 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         v = self.ttt_target(x0, self.chunk_size)
         if self.record_update_norms:
             with torch.no_grad():
+                cd = compute_dtype(z.dtype)
                 vc = clipped_targets(z, v, self.chunk_size, self.eta, self.clip_tau)
-                norms = chunk_delta_sq_norms(z.to(vc.dtype), vc.to(compute_dtype(vc.dtype)), self.chunk_size)
+                norms = chunk_delta_sq_norms(z.to(cd), vc.to(cd), self.chunk_size)
                 self.update_norms.append(self.eta * norms.sqrt().flatten())
         return inplace_ttt_update(z, v, self.chunk_size, self.eta, self.clip_tau, algorithm=self.algorithm)
 

@@ -74,8 +74,8 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     run_dir: str = "runs/train"
-    log_freq: int = 10
-    ckpt_freq: int = 100
+    log_freq: int = 10  # steps between logged metrics
+    ckpt_freq: int = 100  # steps between checkpoints (one is also written when a run stops)
     keep_last: int = 2
 
     def __post_init__(self) -> None:

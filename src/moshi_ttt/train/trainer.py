@@ -88,6 +88,14 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
+    def forget_after(self, step: int) -> None:
+        """Drop the lines of steps after `step` (logged before a resumed run's checkpoint was lost)."""
+        if self.enabled and self.path.is_file():
+            lines = self.path.read_text().splitlines()
+            kept = [line for line in lines if json.loads(line)["step"] <= step]
+            with atomic_file(self.path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept))
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
@@ -137,6 +145,7 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
         print(config.to_yaml())
         print("trainable parameters: " + ", ".join(f"{g} {counts[g]:,}" for g in GROUPS))
     metrics_log = MetricsLog(run_dir, dist.is_main)
+    metrics_log.forget_after(step)
     last_step = min(config.max_steps, stop_after) if stop_after is not None else config.max_steps
     rows_per_step = config.batch_size * dist.world_size * config.num_microbatches
     losses = []
@@ -156,8 +165,8 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
                              fps=f"{metrics['frames_per_s']:.0f}")
         if log_now:
             metrics.update(_update_norms(lm))
-        metrics_log.log(step + 1, metrics)
-        if (step + 1) % config.ckpt_freq == 0 or step + 1 == config.max_steps:
+            metrics_log.log(step + 1, metrics)
+        if (step + 1) % config.ckpt_freq == 0 or step + 1 == last_step:
             if dist.is_main:
                 state = {"step": step + 1, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                          "rng": rng_state(), "data": batcher.state_dict()}
