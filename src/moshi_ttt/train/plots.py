@@ -9,8 +9,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_losses(run_dir: Path) -> Path:
-    entries = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def plot_losses(run_dir: Path) -> Path | None:
+    """losses.png from the run's metrics.jsonl; None when nothing was logged yet."""
+    metrics = run_dir / "metrics.jsonl"
+    entries = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    if not entries:
+        return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in ("loss", "text_loss", "audio_loss"):
         points = [(e["step"], e[key]) for e in entries if key in e]

@@ -173,9 +173,11 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
                 save_checkpoint(run_dir, step + 1, lm, state, config.to_yaml(), config.keep_last)
             dist.barrier()
     metrics_log.close()
-    if dist.is_main and losses:
+    if dist.is_main:
         from .plots import plot_losses
-        print(f"losses plotted in {plot_losses(run_dir)}")
+        plot = plot_losses(run_dir)
+        if plot is not None:
+            print(f"losses plotted in {plot}")
     if last_step == config.max_steps and dist.is_main:
         _export(lm, config, run_dir / "final")
     return {"losses": losses, "trainable": counts, "run_dir": str(run_dir)}
