@@ -73,9 +73,8 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         self.clip_tau = None if clip_tau is None else float(clip_tau)
         self.algorithm = algorithm
         self.ttt_enabled = True
-        # Diagnostics: when set, whole-sequence forwards append eta * ||V_i^T Z_i||_F per chunk.
-        self.record_update_norms = False
-        self.update_norms: list[torch.Tensor] = []
+        # Diagnostics: when a list, whole-sequence forwards append (Z, V) of every document.
+        self.capture: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @classmethod
     def from_gating(cls, gating: nn.Module, **kwargs) -> "InPlaceTTTGating":
@@ -153,12 +152,8 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
     def _document_update(self, z: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """Fast-weight term of whole documents that start at position 0."""
         v = self.ttt_target(x0, self.chunk_size)
-        if self.record_update_norms:
-            with torch.no_grad():
-                cd = compute_dtype(z.dtype)
-                vc = clipped_targets(z, v, self.chunk_size, self.eta, self.clip_tau)
-                norms = chunk_delta_sq_norms(z.to(cd), vc.to(cd), self.chunk_size)
-                self.update_norms.append(self.eta * norms.sqrt().flatten())
+        if self.capture is not None:
+            self.capture.append((z.detach(), v.detach()))
         return inplace_ttt_update(z, v, self.chunk_size, self.eta, self.clip_tau, algorithm=self.algorithm)
 
     def _streaming_update(self, z: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -196,6 +191,12 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
                                     initial_delta=state.delta, algorithm=self.algorithm)
         state.absorb(z, clipped_targets(z, v, self.chunk_size, self.eta, self.clip_tau))
         return update
+
+    def chunk_update_norms(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """eta * ||c_i V_i^T Z_i||_F of every chunk of a captured document, [B, n_chunks]."""
+        cd = compute_dtype(z.dtype)
+        vc = clipped_targets(z, v, self.chunk_size, self.eta, self.clip_tau)
+        return self.eta * chunk_delta_sq_norms(z.to(cd), vc.to(cd), self.chunk_size).sqrt()
 
     @staticmethod
     def _common_position(state: FastWeightState) -> int | None:

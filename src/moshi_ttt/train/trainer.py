@@ -155,7 +155,7 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
         start = time.perf_counter()
         log_now = (step + 1) % config.log_freq == 0
         for _, layer in ttt_layers(lm):
-            layer.record_update_norms = log_now
+            layer.capture = [] if log_now else None
         metrics = _train_step(config, dist, lm, model, batcher, optimizer)
         schedule.step()
         metrics["lr"] = schedule.get_last_lr()[0]
@@ -225,11 +225,12 @@ def _grad_norms(lm: LMModel) -> dict[str, float]:
 def _update_norms(lm: LMModel) -> dict[str, float]:
     """Mean Frobenius norm of each TTT layer's per-chunk fast-weight update, eta * ||V^T Z||."""
     out = {}
-    for name, layer in ttt_layers(lm):
-        if layer.update_norms:
-            out[f"fast_weight_update/{name}"] = torch.cat(layer.update_norms).mean().item()
-        layer.update_norms.clear()
-        layer.record_update_norms = False
+    with torch.no_grad():
+        for name, layer in ttt_layers(lm):
+            norms = [layer.chunk_update_norms(z, v).flatten() for z, v in layer.capture or []]
+            if norms:
+                out[f"fast_weight_update/{name}"] = torch.cat(norms).mean().item()
+            layer.capture = None
     return out
 
 
