@@ -11,6 +11,8 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("train", help="finetune a TTT Moshi (default: tiny model, synthetic data, CPU)",
                         add_help=False)
     commands.add_parser("tokenize", help="audio files to pre-tokenised code files", add_help=False)
+    commands.add_parser("eval", help="loss against position, spoken-LM benchmarks, TTT diagnostics",
+                        add_help=False)
     commands.add_parser("smoke", help="build a tiny TTT Moshi, stream with LMGen, check it", add_help=False)
     commands.add_parser("serve", help="moshi's web server with a TTT model", add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -20,6 +22,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "tokenize":
         from .train.code_files import tokenize_command
         tokenize_command(rest)
+    elif args.command == "eval":
+        from .eval.command import eval_command
+        eval_command(rest)
     elif args.command == "smoke":
         from .smoke import smoke
         smoke(rest)

@@ -1,0 +1,168 @@
+"""`moshi-ttt eval`: loss against position, spoken-LM benchmarks, TTT diagnostics, a report.
+
+Every TTT model is also evaluated with TTT switched off (the same weights as a
+plain Moshi), so each number has its baseline beside it.
+"""
+
+import argparse
+import datetime
+import json
+import typing as tp
+from pathlib import Path
+
+import torch
+
+from ..models import checkpoint_info, load_ttt_lm, set_ttt_enabled, ttt_layers
+from ..utils.atomic import atomic_file
+
+
+def eval_command(argv: list[str]) -> dict[str, tp.Any]:
+    parser = argparse.ArgumentParser(prog="moshi-ttt eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", required=True,
+                        help="a TTT (or plain) Moshi checkpoint directory or HF repo; repeat to compare")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the results (CSV, JSON, PNG)")
+    parser.add_argument("--report", type=Path, help="directory for a Markdown report of everything")
+    parser.add_argument("--no-ttt-off", action="store_true", help="skip the TTT-off baseline of TTT models")
+    long = parser.add_argument_group("loss against position")
+    long.add_argument("--long-audio", type=Path, nargs="*", default=[], help="long audio files or directories")
+    long.add_argument("--long-codes", type=Path, help="a directory of pre-tokenised .npy documents")
+    long.add_argument("--max-frames", type=int, help="score at most this many frames of each document")
+    long.add_argument("--engine", choices=["window", "stream"], default="window",
+                      help="window: whole windows in parallel (default); stream: frame by frame, as LMGen")
+    long.add_argument("--window", type=int, help="frames per window (default: 4 chunks, within the context)")
+    long.add_argument("--positions", type=int, nargs="*", default=[100, 1000, 3000, 6000, 10000, 20000])
+    long.add_argument("--user", choices=["silence", "none"], default="silence",
+                      help="user stream for mono audio: codes of silence, or no token")
+    bench = parser.add_argument_group("spoken-LM benchmarks")
+    bench.add_argument("--zerospeech", type=Path, help="ZeroSpeech 2021 root (for sWUGGY and sBLIMP)")
+    bench.add_argument("--split", default="dev", choices=["dev", "test"])
+    bench.add_argument("--sstorycloze", type=Path, help="sStoryCloze directory")
+    bench.add_argument("--tstorycloze", type=Path, help="tStoryCloze directory")
+    diag = parser.add_argument_group("TTT diagnostics")
+    diag.add_argument("--diagnostics-frames", type=int, default=0,
+                      help="run the diagnostics on this many first frames of each long document (0: off)")
+    parser.add_argument("--mimi-weight", type=Path, help="Mimi weights, if not in the checkpoint")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
+                        choices=["bfloat16", "float32"])
+    args = parser.parse_args(argv)
+    return run_eval(args)
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, tp.Any]:
+    from .benchmarks import score_pairs, storycloze_pairs, zerospeech_pairs
+    from .diagnostics import activity, ttt_diagnostics, write_diagnostics
+    from .long_context import evaluate_documents, write_curves
+    from .report import write_report
+
+    dtype = getattr(torch, args.dtype)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, tp.Any] = {
+        "environment": f"{_device_name(args.device)}, torch {torch.__version__}, {datetime.date.today()}",
+        "models": {}, "benchmarks": {}, "activity": {}, "diagnostics": {}}
+    benchmarks = _benchmark_pairs(args, zerospeech_pairs, storycloze_pairs)
+    curves, plots, context, chunk_size = [], [], None, None
+    for source in args.model:
+        lm, info = _load(source, args.device, dtype)
+        name = Path(str(source)).name or str(source)
+        tokenizer = _audio_tokenizer(info, lm, args) if (benchmarks or args.long_audio) else None
+        documents = _documents(args, lm, tokenizer)
+        context = lm.transformer.layers[0].self_attn.context
+        has_ttt = bool(ttt_layers(lm))
+        chunk_size = lm.ttt_config.chunk_size if has_ttt else chunk_size
+        variants = [(name, True)] + ([(f"{name} (TTT off)", False)] if has_ttt and not args.no_ttt_off else [])
+        for label, enabled in variants:
+            results["models"][label] = str(source)
+            set_ttt_enabled(lm, enabled)
+            if documents:
+                window = 1 if args.engine == "stream" else (args.window or _default_window(lm, context))
+                curve = evaluate_documents(lm, documents, label, window=window, batch_size=args.batch_size,
+                                           max_frames=args.max_frames)
+                curves.append(curve)
+                if has_ttt and enabled:
+                    results["activity"][label] = activity(curve.fast_weight_change)
+            for bench, pairs in benchmarks.items():
+                results["benchmarks"].setdefault(label, {})[bench] = score_pairs(
+                    lm, pairs, tokenizer.encode, batch_size=args.batch_size, name=f"{bench} ({label})")
+            if has_ttt and enabled and documents and args.diagnostics_frames > 0:
+                results["diagnostics"][label] = _diagnostics(lm, documents, args.diagnostics_frames,
+                                                             args.device, ttt_diagnostics)
+        set_ttt_enabled(lm, True)
+        del lm
+    if curves:
+        results["long_context"] = write_curves(curves, args.out, positions=args.positions, context=context)
+        plots.append(args.out / "loss_by_position.png")
+        results["long_context"] = {k: v for k, v in results["long_context"].items() if k != "curves"}
+    if results["diagnostics"]:
+        plots += write_diagnostics(results["diagnostics"], args.out, chunk_size)
+    if results["benchmarks"]:
+        with atomic_file(args.out / "benchmarks.json") as tmp:
+            tmp.write_text(json.dumps(results["benchmarks"], indent=1))
+    with atomic_file(args.out / "results.json") as tmp:
+        tmp.write_text(json.dumps({k: v for k, v in results.items() if k != "benchmarks"}, indent=1))
+    summary = {model: {b: {k: v for k, v in r.items() if k.startswith("accuracy")} for b, r in per.items()}
+               for model, per in results["benchmarks"].items()}
+    print(json.dumps({"benchmarks": summary, "long_context": results.get("long_context", {}).get("summary", {}),
+                      "activity": results["activity"]}, indent=1))
+    if args.report is not None:
+        print(f"report written to {write_report(args.report, results, plots)}")
+    return results
+
+
+def _load(source: str, device: str, dtype: torch.dtype):
+    info = checkpoint_info(source)
+    if "ttt" in (info.raw_config or {}):
+        return load_ttt_lm(source, device=device, dtype=dtype).eval(), info
+    return info.get_moshi(device=device, dtype=dtype).eval(), info
+
+
+def _audio_tokenizer(info, lm, args):
+    from ..train.tokenize import AudioTokenizer
+    if args.mimi_weight is not None:
+        info.mimi_weights = args.mimi_weight
+    return AudioTokenizer.from_checkpoint_info(info, device=args.device, user=args.user)
+
+
+def _documents(args, lm, tokenizer) -> list[torch.Tensor]:
+    from ..train.code_files import CodeFiles, _audio_files
+    documents = []
+    if args.long_codes is not None:
+        files = CodeFiles(args.long_codes, lm.num_codebooks)
+        documents += [files[i] for i in range(len(files))]
+    if args.long_audio:
+        documents += [tokenizer.encode_file(path) for path in _audio_files(args.long_audio)]
+    return documents
+
+
+def _benchmark_pairs(args, zerospeech_pairs, storycloze_pairs) -> dict[str, list]:
+    pairs = {}
+    if args.zerospeech is not None:
+        pairs["sWUGGY"] = zerospeech_pairs(args.zerospeech, "lexical", args.split)
+        pairs["sBLIMP"] = zerospeech_pairs(args.zerospeech, "syntactic", args.split)
+    if args.sstorycloze is not None:
+        pairs["sStoryCloze"] = storycloze_pairs(args.sstorycloze)
+    if args.tstorycloze is not None:
+        pairs["tStoryCloze"] = storycloze_pairs(args.tstorycloze)
+    return pairs
+
+
+def _default_window(lm, context: int | None) -> int:
+    """Four TTT chunks (2048 frames without TTT), at most the attention context."""
+    chunk = lm.ttt_config.chunk_size if getattr(lm, "ttt_config", None) else 512
+    return min(4 * chunk, context) if context else 4 * chunk
+
+
+def _diagnostics(lm, documents, frames: int, device: str, ttt_diagnostics) -> dict[str, dict[str, list[float]]]:
+    """Per-chunk diagnostics averaged over the documents that have `frames` frames."""
+    usable = [d[:, :frames] for d in documents if d.shape[1] >= frames]
+    if not usable:
+        raise ValueError(f"--diagnostics-frames={frames}: no document is that long")
+    return ttt_diagnostics(lm, torch.stack(usable).to(device))
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return "CPU"

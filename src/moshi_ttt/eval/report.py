@@ -1,0 +1,91 @@
+"""One Markdown page with every table and plot of an evaluation."""
+
+import shutil
+import typing as tp
+from pathlib import Path
+
+from ..utils.atomic import atomic_file
+
+
+def write_report(directory: Path, results: dict[str, tp.Any], plots: list[Path]) -> Path:
+    """report.md (and copies of the plots) in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for plot in plots:
+        if plot.resolve().parent != directory.resolve():
+            shutil.copy(plot, directory / plot.name)
+    lines = [f"# moshi-ttt evaluation", "", f"{results['environment']}", ""]
+    lines += ["Models: " + ", ".join(f"`{name}` ({source})" for name, source in results["models"].items()), ""]
+
+    benchmarks = results.get("benchmarks", {})
+    if benchmarks:
+        names = sorted({b for per_model in benchmarks.values() for b in per_model})
+        lines += ["## Spoken-LM benchmarks", "",
+                  "Accuracy of the acceptable recording over the other, by log-likelihood of the model's audio "
+                  "stream summed over tokens (sum) and divided by the token count (mean).", ""]
+        header = ["model"] + [f"{b} {kind}" for b in names for kind in ("sum", "mean")]
+        rows = []
+        for model, per_model in benchmarks.items():
+            row = [model]
+            for b in names:
+                for kind in ("sum", "mean"):
+                    value = per_model.get(b, {}).get(f"accuracy_{kind}")
+                    row.append("-" if value is None else f"{100 * value:.1f}")
+            rows.append(row)
+        lines += _table(header, rows)
+        subsets = [(model, b, key, value) for model, per_model in benchmarks.items() for b, r in per_model.items()
+                   for key, value in r.items() if key.startswith("accuracy_") and "/" in key]
+        if subsets:
+            lines += ["", "By subset:", ""]
+            lines += _table(["model", "benchmark", "score", "accuracy"],
+                            [[m, b, k.removeprefix("accuracy_"), f"{100 * v:.1f}"] for m, b, k, v in subsets])
+        lines.append("")
+
+    long_context = results.get("long_context")
+    if long_context:
+        lines += ["## Loss against position", "",
+                  f"Attention context: {long_context['context']} frames. Audio cross-entropy (mean over the "
+                  "model's codebooks) at chosen positions, the slope of a linear fit over all positions, and the "
+                  "means of the first and last quarter.", ""]
+        positions = long_context["positions"]
+        header = ["model"] + [f"@{p}" for p in positions] + ["slope /1000 frames", "early", "late", "documents"]
+        rows = []
+        for model, s in long_context["summary"].items():
+            at = s["audio_loss_at"]
+            rows.append([model] + [f"{at[str(p)]:.3f}" if str(p) in at else "-" for p in positions]
+                        + [f"{s['slope_per_1000_frames']:.4f}", f"{s['early_quarter_mean']:.3f}",
+                           f"{s['late_quarter_mean']:.3f}", str(s["documents"])])
+        lines += _table(header, rows) + ["", "![loss by position](loss_by_position.png)", ""]
+
+    activity = results.get("activity")
+    if activity:
+        lines += ["## Fast-weight activity", "",
+                  "Norm of eta * (W - W0) read from each TTT layer's streaming state at the end of each document.",
+                  ""]
+        rows = [[model, layer, f"{s['mean']:.4g}", f"{s['max']:.4g}", "yes" if a["active"] else "NO"]
+                for model, a in activity.items() for layer, s in a["layers"].items()]
+        lines += _table(["model", "layer", "mean", "max", "active"], rows) + [""]
+
+    diagnostics = results.get("diagnostics")
+    if diagnostics:
+        lines += ["## TTT diagnostics", "",
+                  "Per chunk: the TTT objective under W0 (l0), before the chunk's update (lprev) and after it "
+                  "(lafter); the update's norm and the accumulated change's.", ""]
+        rows = []
+        for model, layers in diagnostics.items():
+            for layer, stats in layers.items():
+                rows.append([model, layer, str(len(stats["l0"])), f"{stats['l0'][-1]:.4g}",
+                             f"{stats['lprev'][-1]:.4g}", f"{stats['lafter'][-1]:.4g}",
+                             f"{stats['accumulated_norm'][-1]:.4g}"])
+        lines += _table(["model", "layer", "chunks", "l0 (last)", "lprev (last)", "lafter (last)",
+                         "accumulated norm"], rows) + [""]
+        lines += [f"![{p.stem}]({p.name})" for p in plots if p.name.startswith("diagnostics_")] + [""]
+
+    path = directory / "report.md"
+    with atomic_file(path) as tmp:
+        tmp.write_text("\n".join(lines))
+    return path
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(row) + " |" for row in rows]
