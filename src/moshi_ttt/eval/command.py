@@ -34,6 +34,8 @@ def eval_command(argv: list[str]) -> dict[str, tp.Any]:
     long.add_argument("--positions", type=int, nargs="*", default=[100, 1000, 3000, 6000, 10000, 20000])
     long.add_argument("--user", choices=["silence", "none"], default="silence",
                       help="user stream for mono audio: codes of silence, or no token")
+    long.add_argument("--text", choices=["pad", "none"], default="pad",
+                      help="text stream: padding tokens, or no token")
     bench = parser.add_argument_group("spoken-LM benchmarks")
     bench.add_argument("--zerospeech", type=Path, help="ZeroSpeech 2021 root (for sWUGGY and sBLIMP)")
     bench.add_argument("--split", default="dev", choices=["dev", "test"])
@@ -122,7 +124,7 @@ def _audio_tokenizer(info, lm, args):
     from ..train.tokenize import AudioTokenizer
     if args.mimi_weight is not None:
         info.mimi_weights = args.mimi_weight
-    return AudioTokenizer.from_checkpoint_info(info, device=args.device, user=args.user)
+    return AudioTokenizer.from_checkpoint_info(info, device=args.device, user=args.user, text=args.text)
 
 
 def _documents(args, lm, tokenizer) -> list[torch.Tensor]:

@@ -12,18 +12,22 @@ class AudioTokenizer:
     """Mimi codes of the model's channel (and the user's), under a text stream of padding.
 
     user: "silence" encodes silence for a mono file's user stream, "none" leaves -1
-    (no input); a stereo file's second channel is always the user.
+    (no input); a stereo file's second channel is always the user. text: "pad" fills
+    the text stream with the padding token, "none" with -1 (no token).
     """
 
     def __init__(self, mimi, *, dep_q: int, n_q: int, text_padding_id: int, user: str = "silence",
-                 block_seconds: float = 20.0):
+                 text: str = "pad", block_seconds: float = 20.0):
         if user not in ("silence", "none"):
             raise ValueError(f"user={user!r}: expected 'silence' or 'none'")
+        if text not in ("pad", "none"):
+            raise ValueError(f"text={text!r}: expected 'pad' or 'none'")
         self.mimi = mimi
         self.dep_q = dep_q
         self.n_q = n_q
         self.text_padding_id = text_padding_id
         self.user = user
+        self.text = text
         frame = int(mimi.sample_rate / mimi.frame_rate)
         self.block = max(1, int(block_seconds * mimi.frame_rate)) * frame
 
@@ -54,7 +58,8 @@ class AudioTokenizer:
             user = self._mimi_codes(np.zeros_like(audio[0]))
         else:
             user = torch.full_like(model, -1)
-        text = torch.full((1, model.shape[1]), self.text_padding_id, dtype=torch.long)
+        text = torch.full((1, model.shape[1]), self.text_padding_id if self.text == "pad" else -1,
+                          dtype=torch.long)
         codes = torch.cat([text, model, user])
         return codes[:1 + self.n_q]
 
