@@ -113,7 +113,6 @@ def main() -> None:
             results.append(entry)
             rows.append([T, name, ms if ms is not None else "OOM", gib if gib is not None else "-",
                          entry["time_ratio"] or "-", entry["memory_ratio"] or "-"])
-        del x, x0, grad_out
     env = environment(device)
     config = {"dim": size["dim"], "hidden": hidden, "chunk": size["chunk"], "dtype": size["dtype"], "batch": 1}
     write_results(args.out, {**env, **config, "results": results})

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import sphn
 import torch
 from tqdm import tqdm
 
+from ..utils.audio import read_audio as load_audio
 from .teacher_forcing import scored_alone
 
 
@@ -98,8 +98,8 @@ def storycloze_pairs(directory: str | Path) -> list[Pair]:
     pairs = []
     for index, files in sorted(groups.items(), key=lambda item: int(item[0])):
         if set(files) != {"positive", "negative"}:
-            raise ValueError(f"{directory}: index {index} lacks its {'negative' if 'positive' in files else 'positive'} "
-                             "recording")
+            missing = "negative" if "positive" in files else "positive"
+            raise ValueError(f"{directory}: index {index} lacks its {missing} recording")
         pairs.append(Pair(files["positive"], files["negative"], group=index))
     return pairs
 
@@ -149,13 +149,8 @@ def score_pairs(lm, pairs: list[Pair], encode: tp.Callable[[np.ndarray], torch.T
 
 
 def read_audio(path: Path, sample_rate: int = 24000) -> np.ndarray:
-    if not path.is_file():
-        raise FileNotFoundError(f"audio file not found: {path}")
-    try:
-        audio, _ = sphn.read(str(path), sample_rate=sample_rate)
-    except Exception as error:  # sphn raises plain exceptions for unreadable files
-        raise ValueError(f"cannot read audio file {path}: {error}") from error
-    return audio[:1]  # mono: the first channel
+    """The first channel of an audio file, [1, samples]."""
+    return load_audio(path, sample_rate)[:1]
 
 
 def _wav(directory: Path, filename: str) -> Path:

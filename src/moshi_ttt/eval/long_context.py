@@ -97,9 +97,9 @@ def write_curves(curves: list[PositionCurve], out: Path, *, positions: tp.Sequen
         for t in range(length):
             row: list[tp.Any] = [t]
             for c in curves:
-                values = list(c.losses[:, t]) + [c.audio[t], c.counts[t]] if t < c.losses.shape[1] else \
-                    [float("nan")] * (c.losses.shape[0] + 1) + [0]
-                row += [f"{v:.5f}" if isinstance(v, float) else int(v) for v in values]
+                reached = t < c.losses.shape[1]
+                losses = list(c.losses[:, t]) + [c.audio[t]] if reached else [float("nan")] * (len(c.losses) + 1)
+                row += [f"{v:.5f}" for v in losses] + [int(c.counts[t]) if reached else 0]
             writer.writerow(row)
     result = {
         "context": context,

@@ -13,7 +13,7 @@ def write_report(directory: Path, results: dict[str, tp.Any], plots: list[Path])
     for plot in plots:
         if plot.resolve().parent != directory.resolve():
             shutil.copy(plot, directory / plot.name)
-    lines = [f"# moshi-ttt evaluation", "", f"{results['environment']}", ""]
+    lines = ["# moshi-ttt evaluation", "", f"{results['environment']}", ""]
     lines += ["Models: " + ", ".join(f"`{name}` ({source})" for name, source in results["models"].items()), ""]
 
     benchmarks = results.get("benchmarks", {})

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece
-import sphn
 import torch
+
+from ..utils.audio import read_audio
 
 MAIN_SPEAKER = "SPEAKER_MAIN"
 
@@ -107,17 +108,11 @@ class FinetuneConversations:
 
 def read_stereo(path: Path, sample_rate: int) -> np.ndarray:
     """[2, samples] float32 audio at `sample_rate`; a clear error for missing or mono files."""
-    if not path.is_file():
-        raise FileNotFoundError(f"audio file not found: {path}")
-    try:
-        audio, _ = sphn.read(str(path), sample_rate=sample_rate)
-    except Exception as error:  # sphn raises plain exceptions for unreadable files
-        raise ValueError(f"cannot read audio file {path}: {error}") from error
-    if audio.ndim != 2 or audio.shape[0] != 2:
-        channels = 1 if audio.ndim == 1 else audio.shape[0]
-        raise ValueError(f"{path} has {channels} channel(s): moshi-finetune data is stereo "
+    audio = read_audio(path, sample_rate)
+    if audio.shape[0] != 2:
+        raise ValueError(f"{path} has {audio.shape[0]} channel(s): moshi-finetune data is stereo "
                          "(left: the model, right: the user)")
-    return audio.astype(np.float32)
+    return audio
 
 
 def _read_jsonl(jsonl: Path) -> list[dict[str, tp.Any]]:

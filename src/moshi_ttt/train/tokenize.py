@@ -3,9 +3,10 @@
 from pathlib import Path
 
 import numpy as np
-import sphn
 import torch
 from moshi.models import loaders
+
+from ..utils.audio import read_audio
 
 
 class AudioTokenizer:
@@ -41,13 +42,7 @@ class AudioTokenizer:
                    text_padding_id=lm_config.get("existing_text_padding_id", 3), **kwargs)
 
     def encode_file(self, path: Path) -> torch.Tensor:
-        if not path.is_file():
-            raise FileNotFoundError(f"audio file not found: {path}")
-        try:
-            audio, _ = sphn.read(str(path), sample_rate=int(self.mimi.sample_rate))
-        except Exception as error:  # sphn raises plain exceptions for unreadable files
-            raise ValueError(f"cannot read audio file {path}: {error}") from error
-        return self.encode(np.atleast_2d(audio))
+        return self.encode(read_audio(path, int(self.mimi.sample_rate)))
 
     def encode(self, audio: np.ndarray) -> torch.Tensor:
         """audio [channels, samples] -> codes [1 + n_q, frames]."""
