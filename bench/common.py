@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from moshi_ttt.utils.atomic import atomic_file
+
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -53,10 +55,8 @@ def peak_memory_gib(fn: tp.Callable[[], tp.Any], device: torch.device) -> float 
 
 
 def write_results(path: Path, results: dict[str, tp.Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
 
 
 def markdown_table(header: list[str], rows: list[list[tp.Any]]) -> str:

@@ -37,8 +37,7 @@ def smoke(argv: list[str]) -> dict:
     with torch.no_grad(), gen.streaming(args.batch):
         for t in tqdm(range(args.steps), desc="LMGen steps", unit="frame"):
             gen.step(user_codes[:, :, t:t + 1])
-        fast_weight_norms = {name: layer.eta * layer._streaming_state.delta.norm().item()
-                             for name, layer in ttt_layers(lm)}
+        fast_weight_norms = {name: layer.fast_weight_change_norms().norm().item() for name, layer in ttt_layers(lm)}
     seconds = time.perf_counter() - start
     hook.remove()
 

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from ..utils.audio import read_audio as load_audio
-from .teacher_forcing import scored_alone
+from ..models.streams import scored_alone
 
 
 @dataclass

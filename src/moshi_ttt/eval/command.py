@@ -65,7 +65,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, tp.Any]:
         "environment": f"{_device_name(args.device)}, torch {torch.__version__}, {datetime.date.today()}",
         "models": {}, "benchmarks": {}, "activity": {}, "diagnostics": {}}
     benchmarks = _benchmark_pairs(args, zerospeech_pairs, storycloze_pairs)
-    curves, plots, context, chunk_size = [], [], None, None
+    curves, plots, context, chunk_sizes = [], [], None, {}
     for source in args.model:
         lm, info = _load(source, args.device, dtype)
         name = Path(str(source)).name or str(source)
@@ -73,7 +73,6 @@ def run_eval(args: argparse.Namespace) -> dict[str, tp.Any]:
         documents = _documents(args, lm, tokenizer)
         context = lm.transformer.layers[0].self_attn.context
         has_ttt = bool(ttt_layers(lm))
-        chunk_size = lm.ttt_config.chunk_size if has_ttt else chunk_size
         variants = [(name, True)] + ([(f"{name} (TTT off)", False)] if has_ttt and not args.no_ttt_off else [])
         for label, enabled in variants:
             results["models"][label] = str(source)
@@ -91,6 +90,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, tp.Any]:
             if has_ttt and enabled and documents and args.diagnostics_frames > 0:
                 results["diagnostics"][label] = _diagnostics(lm, documents, args.diagnostics_frames,
                                                              args.device, ttt_diagnostics)
+                chunk_sizes[label] = lm.ttt_config.chunk_size
         set_ttt_enabled(lm, True)
         del lm
     if curves:
@@ -98,7 +98,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, tp.Any]:
         plots.append(args.out / "loss_by_position.png")
         results["long_context"] = {k: v for k, v in results["long_context"].items() if k != "curves"}
     if results["diagnostics"]:
-        plots += write_diagnostics(results["diagnostics"], args.out, chunk_size)
+        plots += write_diagnostics(results["diagnostics"], args.out, chunk_sizes)
     if results["benchmarks"]:
         with atomic_file(args.out / "benchmarks.json") as tmp:
             tmp.write_text(json.dumps(results["benchmarks"], indent=1))
@@ -128,13 +128,13 @@ def _audio_tokenizer(info, lm, args):
 
 
 def _documents(args, lm, tokenizer) -> list[torch.Tensor]:
-    from ..train.code_files import CodeFiles, _audio_files
+    from ..train.code_files import CodeFiles, audio_files
     documents = []
     if args.long_codes is not None:
         files = CodeFiles(args.long_codes, lm.num_codebooks)
         documents += [files[i] for i in range(len(files))]
     if args.long_audio:
-        documents += [tokenizer.encode_file(path) for path in _audio_files(args.long_audio)]
+        documents += [tokenizer.encode_file(path) for path in audio_files(args.long_audio)]
     return documents
 
 

@@ -69,7 +69,7 @@ def _weight(linear) -> torch.Tensor:
 
 
 def write_diagnostics(results: dict[str, dict[str, dict[str, list[float]]]], out: Path,
-                      chunk_size: int) -> list[Path]:
+                      chunk_sizes: dict[str, int]) -> list[Path]:
     """diagnostics.json and one PNG per (model, layer) in `out`."""
     import matplotlib
     matplotlib.use("Agg")
@@ -77,7 +77,7 @@ def write_diagnostics(results: dict[str, dict[str, dict[str, list[float]]]], out
 
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / "diagnostics.json") as tmp:
-        tmp.write_text(json.dumps({"chunk_size": chunk_size, "models": results}, indent=1))
+        tmp.write_text(json.dumps({"chunk_size": chunk_sizes, "models": results}, indent=1))
     plots = []
     for model, layers in results.items():
         for layer, stats in layers.items():
@@ -91,7 +91,7 @@ def write_diagnostics(results: dict[str, dict[str, dict[str, list[float]]]], out
             bottom.plot(chunks, stats["update_norm"], marker="o", label="chunk update")
             bottom.plot(chunks, stats["accumulated_norm"], marker="o", label="accumulated change")
             bottom.set_ylabel("Frobenius norm")
-            bottom.set_xlabel(f"chunk ({chunk_size} frames)")
+            bottom.set_xlabel(f"chunk ({chunk_sizes[model]} frames)")
             bottom.legend()
             bottom.grid(alpha=0.3)
             fig.suptitle(f"{model}: {layer}", fontsize=9)

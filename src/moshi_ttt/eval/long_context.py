@@ -19,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from ..utils.atomic import atomic_file
-from .teacher_forcing import position_losses, scored_alone
+from ..models.streams import scored_alone
+from .teacher_forcing import position_losses
 
 
 @dataclass

@@ -47,23 +47,10 @@ def position_losses(lm: LMModel, codes: torch.Tensor, window: int = 1) -> tuple[
             audio_logits = lm.forward_depformer_training(targets[:, :, start:end], hidden)
             losses[:, :1, start:end] = _cross_entropy(text_logits, targets[:, :1, start:end])
             losses[:, 1:, start:end] = _cross_entropy(audio_logits, targets[:, 1:scored, start:end])
-        fast_weights = {name: layer.eta * (layer._streaming_state.delta + layer._streaming_state.pending_delta())
-                        .flatten(1).norm(dim=1) for name, layer in ttt_layers(lm)}
+        fast_weights = {name: layer.fast_weight_change_norms() for name, layer in ttt_layers(lm)}
     losses, _ = _undelay_sequence(lm.delays[:scored], losses, fill_value=float("nan"))
     losses = torch.where(codes[:, :scored] == lm.zero_token_id, float("nan"), losses)
     return losses, fast_weights
-
-
-def scored_alone(lm: LMModel, lengths: list[int], frames: int, device=None) -> torch.Tensor:
-    """[B, 1 + dep_q, frames] bool: the targets each document would have if scored alone.
-
-    A codebook with delay d has no prediction for the last d frames of a document;
-    padded into a longer batch, it would, so batching would change the scores.
-    """
-    time = torch.arange(frames, device=device)
-    ends = torch.tensor(lengths, device=device)[:, None, None]
-    delays = torch.tensor(lm.delays[:1 + lm.dep_q], device=device)[None, :, None]
-    return time[None, None, :] < ends - delays
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,11 @@ class FastWeightState(State):
         return self.z_ring.shape[1] // 2
 
     @property
+    def rows_per_step(self) -> int:
+        """Rows of delta folded per step: the previous chunk is folded within one chunk."""
+        return -(-self.delta.shape[1] // self.chunk_size)
+
+    @property
     def op(self) -> torch.dtype:
         return self.delta_read.dtype
 
@@ -92,13 +97,15 @@ class FastWeightState(State):
 
     def pending_delta(self) -> torch.Tensor:
         """[B, d, h]: the part of the previous chunk's delta not yet folded."""
-        C = self.chunk_size
         dim = self.delta.shape[1]
-        rows_per_step = -(-dim // C)
         prev = self._prev_rows().to(self.v_ring.dtype)
         full = bmm_acc((self.v_ring * prev[..., None]).transpose(1, 2), self.z_ring, self.op)
-        unfolded = torch.arange(dim, device=full.device)[None] >= (self.pos * rows_per_step)[:, None]
+        unfolded = torch.arange(dim, device=full.device)[None] >= (self.pos * self.rows_per_step)[:, None]
         return full * (unfolded * self.prev_scale[:, None])[..., None]
+
+    def fast_weight_change(self) -> torch.Tensor:
+        """[B, d, h]: W - W0 of every sample, divided by eta (folded and pending updates)."""
+        return self.delta + self.pending_delta()
 
     def settle(self) -> None:
         """Fold the rest of the previous chunk now (eager only: outside CUDA graphs)."""
@@ -118,83 +125,76 @@ class FastWeightState(State):
         """Advance by one token. z: [B, h], x0: [B, d] -> fast-weight term [B, d].
 
         `targets` is the layer's `LMAlignedTargets`. The result is the token's
-        `eta * z (delta + updates not yet folded)^T`, in float32 (float64).
+        `eta * z (delta + updates not yet folded)^T`, in float32 (float64). (Kept in
+        eager mode: under torch.compile the step ran slower on an H100.)
         """
-        read_copy = None if self.delta_read is self.delta else self.delta_read
-        return _token_step(self.delta, read_copy, self.z_ring, self.v_ring, self.x0_tail, self.pos,
-                           self.slot, self.prev_scale, self.cur_sq_norm, self.exec_mask, z, x0,
-                           targets, eta, clip_tau)
+        B, dim, hidden = self.delta.shape
+        C, r = self.chunk_size, self.rows_per_step
+        K = self.x0_tail.shape[1] + 1
+        op = self.op
+        run = self.exec_mask
+        dev = z.device
+        p = self.pos
+        ring = torch.arange(2 * C, device=dev)
+        is_prev = self._prev_rows()
+        prev = is_prev.to(self.v_ring.dtype)
+        cur_start = self.slot * C
 
+        # Fold rows [p * r, (p + 1) * r) of the previous chunk's delta.
+        fold_rows = p[:, None] * r + torch.arange(r, device=dev)[None]
+        valid_rows = fold_rows < dim
+        fold_rows = fold_rows.clamp(max=dim - 1)
+        v_cols = torch.gather(self.v_ring, 2, fold_rows[:, None, :].expand(B, 2 * C, r))
+        folded = bmm_acc((v_cols * prev[..., None]).transpose(1, 2), self.z_ring, op)
+        folded = folded * (valid_rows * (self.prev_scale * run)[:, None])[..., None]
+        row_index = fold_rows[..., None].expand(B, r, hidden)
+        self.delta.scatter_add_(1, row_index, folded)
+        if self.delta_read is not self.delta:
+            self.delta_read.scatter_(1, row_index, self.delta.gather(1, row_index).to(op))
 
-def _token_step(delta, read_copy, z_ring, v_ring, x0_tail, pos, slot, prev_scale, cur_sq_norm, run,
-                z, x0, targets, eta: float, clip_tau: float | None):
-    """`FastWeightState.step` on the state's tensors. (Left to eager mode: under
-    torch.compile the step ran slower on an H100.)"""
-    B, dim, hidden = delta.shape
-    C = z_ring.shape[1] // 2
-    K = x0_tail.shape[1] + 1
-    dev = z.device
-    delta_read = delta if read_copy is None else read_copy
-    op = delta_read.dtype
-    p = pos
-    rows_per_step = -(-dim // C)
-    ring = torch.arange(2 * C, device=dev)
-    is_prev = (ring // C)[None] != slot[:, None]
-    prev = is_prev.to(v_ring.dtype)
-    cur_start = slot * C
+        # The token's output: folded rows from delta, the others in dual form.
+        out = bmm_acc(self.delta_read, z[..., None], op).squeeze(-1)
+        scores = bmm_acc(self.z_ring, z[..., None], op).squeeze(-1) * is_prev * self.prev_scale[:, None]
+        pending = bmm_acc(scores[:, None, :], self.v_ring, op).squeeze(1)
+        n_folded = (p + run.long()) * r
+        unfolded = torch.arange(dim, device=dev)[None] >= n_folded[:, None]
+        out = eta * (out + pending * unfolded)
 
-    # Fold rows [p * r, (p + 1) * r) of the previous chunk's delta.
-    fold_rows = p[:, None] * rows_per_step + torch.arange(rows_per_step, device=dev)[None]
-    valid_rows = fold_rows < dim
-    fold_rows = fold_rows.clamp(max=dim - 1)
-    v_cols = torch.gather(v_ring, 2, fold_rows[:, None, :].expand(B, 2 * C, rows_per_step))
-    folded = bmm_acc((v_cols * prev[..., None]).transpose(1, 2), z_ring, op)
-    folded = folded * (valid_rows * (prev_scale * run)[:, None])[..., None]
-    row_index = fold_rows[..., None].expand(B, rows_per_step, hidden)
-    delta.scatter_add_(1, row_index, folded)
-    if read_copy is not None:
-        read_copy.scatter_(1, row_index, delta.gather(1, row_index).to(op))
+        # Buffer z at its ring row.
+        _masked_write_row(self.z_ring, cur_start + p, z, run)
 
-    # The token's output: folded rows from delta, the others in dual form.
-    out = bmm_acc(delta_read, z[..., None], op).squeeze(-1)
-    scores = bmm_acc(z_ring, z[..., None], op).squeeze(-1) * is_prev * prev_scale[:, None]
-    pending = bmm_acc(scores[:, None, :], v_ring, op).squeeze(1)
-    n_folded = (p + run.long()) * rows_per_step
-    unfolded = torch.arange(dim, device=dev)[None] >= n_folded[:, None]
-    out = eta * (out + pending * unfolded)
+        # Targets of positions p-K+1 .. p from the embeddings seen so far.
+        window = torch.cat([self.x0_tail, x0.to(self.x0_tail.dtype)[:, None]], dim=1)
+        v_rows = targets.project(future_conv_partial_rows(window, targets.conv.to(window.dtype)))
+        row_pos = p[:, None] - torch.arange(K, device=dev)[None]  # [B, K], row j: position p - j
+        row_ok = row_pos >= 0
+        for j in range(K):
+            _masked_write_row(self.v_ring, cur_start + row_pos[:, j].clamp(min=0), v_rows[:, j],
+                              run & row_ok[:, j])
 
-    # Buffer z at its ring row.
-    _masked_write_row(z_ring, cur_start + p, z, run)
+        at_end = run & (p == C - 1)
+        if clip_tau is not None:
+            # Gram terms of each candidate row q against the current chunk's rows < q.
+            rows = (cur_start[:, None] + row_pos.clamp(min=0))[..., None].expand(B, K, hidden)
+            z_rows = torch.gather(self.z_ring, 1, rows)
+            gram = (bmm_acc(v_rows, self.v_ring.transpose(1, 2), op)
+                    * bmm_acc(z_rows, self.z_ring.transpose(1, 2), op))
+            earlier = (~is_prev)[:, None, :] & ((ring % C)[None, None, :] < row_pos[..., None])
+            v_sq = v_rows.to(self.delta.dtype).square().sum(-1)
+            z_sq = z_rows.to(self.delta.dtype).square().sum(-1)
+            terms = (2 * (gram * earlier).sum(-1) + v_sq * z_sq) * row_ok  # [B, K]
+            # Row p-K+1 becomes final now; at the chunk's end all K rows are.
+            sq_norm_now = self.cur_sq_norm + terms[:, K - 1]
+            end_scale = clip_scales(self.cur_sq_norm + terms.sum(-1), eta, clip_tau)
+            self.cur_sq_norm.copy_(torch.where(at_end, 0.0, torch.where(run, sq_norm_now, self.cur_sq_norm)))
+            self.prev_scale.copy_(torch.where(at_end, end_scale, self.prev_scale))
+        else:
+            self.prev_scale.masked_fill_(at_end, 1.0)
 
-    # Targets of positions p-K+1 .. p from the embeddings seen so far.
-    window = torch.cat([x0_tail, x0.to(x0_tail.dtype)[:, None]], dim=1)
-    v_rows = targets.project(future_conv_partial_rows(window, targets.conv.to(window.dtype)))
-    row_pos = p[:, None] - torch.arange(K, device=dev)[None]  # [B, K], row j: position p - j
-    row_ok = row_pos >= 0
-    for j in range(K):
-        _masked_write_row(v_ring, cur_start + row_pos[:, j].clamp(min=0), v_rows[:, j], run & row_ok[:, j])
-
-    at_end = run & (p == C - 1)
-    if clip_tau is not None:
-        # Gram terms of each candidate row q against the current chunk's rows < q.
-        z_rows = torch.gather(z_ring, 1, (cur_start[:, None] + row_pos.clamp(min=0))[..., None].expand(B, K, hidden))
-        gram = bmm_acc(v_rows, v_ring.transpose(1, 2), op) * bmm_acc(z_rows, z_ring.transpose(1, 2), op)
-        earlier = (~is_prev)[:, None, :] & ((ring % C)[None, None, :] < row_pos[..., None])
-        v_sq = v_rows.to(delta.dtype).square().sum(-1)
-        z_sq = z_rows.to(delta.dtype).square().sum(-1)
-        terms = (2 * (gram * earlier).sum(-1) + v_sq * z_sq) * row_ok  # [B, K]
-        # Row p-K+1 becomes final now; at the chunk's end all K rows are.
-        sq_norm_now = cur_sq_norm + terms[:, K - 1]
-        end_scale = clip_scales(cur_sq_norm + terms.sum(-1), eta, clip_tau)
-        cur_sq_norm.copy_(torch.where(at_end, 0.0, torch.where(run, sq_norm_now, cur_sq_norm)))
-        prev_scale.copy_(torch.where(at_end, end_scale, prev_scale))
-    else:
-        prev_scale.masked_fill_(at_end, 1.0)
-
-    slot.copy_(torch.where(at_end, 1 - slot, slot))
-    pos.copy_(torch.where(run, (p + 1) % C, p))
-    x0_tail.copy_(torch.where(run[:, None, None], window[:, 1:], x0_tail))
-    return out
+        self.slot.copy_(torch.where(at_end, 1 - self.slot, self.slot))
+        self.pos.copy_(torch.where(run, (p + 1) % C, p))
+        self.x0_tail.copy_(torch.where(run[:, None, None], window[:, 1:], self.x0_tail))
+        return out
 
 
 def _masked_write_row(buffer: torch.Tensor, rows: torch.Tensor, values: torch.Tensor,

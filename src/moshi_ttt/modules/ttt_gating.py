@@ -186,11 +186,17 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
     def _whole_chunks(self, state: FastWeightState, z: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """Chunk-aligned tokens of every sample at once, from the state's fast weights."""
         state.settle()
-        v = self.ttt_target(x0, self.chunk_size)
-        update = inplace_ttt_update(z, v, self.chunk_size, self.eta, self.clip_tau,
-                                    initial_delta=state.delta, algorithm=self.algorithm)
-        state.absorb(z, clipped_targets(z, v, self.chunk_size, self.eta, self.clip_tau))
+        v = clipped_targets(z, self.ttt_target(x0, self.chunk_size), self.chunk_size, self.eta, self.clip_tau)
+        update = inplace_ttt_update(z, v, self.chunk_size, self.eta, initial_delta=state.delta,
+                                    algorithm=self.algorithm)
+        state.absorb(z, v)
         return update
+
+    def fast_weight_change_norms(self) -> torch.Tensor:
+        """[B]: ||W - W0||_F of each sample's fast weights now, read from the streaming state."""
+        if self._streaming_state is None:
+            raise RuntimeError("fast weights live in the streaming state: call inside `streaming(...)`")
+        return self.eta * self._streaming_state.fast_weight_change().flatten(1).norm(dim=1)
 
     def chunk_update_norms(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """eta * ||c_i V_i^T Z_i||_F of every chunk of a captured document, [B, n_chunks]."""

@@ -76,7 +76,7 @@ def tokenize_command(argv: list[str]) -> None:
 
     info = checkpoint_info(args.model, mimi_weights=args.mimi_weight)
     tokenizer = AudioTokenizer.from_checkpoint_info(info, device=args.device, user=args.user)
-    files = _audio_files(args.audio)
+    files = audio_files(args.audio)
     index = []
     for path in tqdm(files, desc="tokenize", unit="file"):
         codes = tokenizer.encode_file(path)
@@ -88,7 +88,7 @@ def tokenize_command(argv: list[str]) -> None:
     print(f"wrote {len(index)} code files to {args.out}")
 
 
-def _audio_files(inputs: list[Path]) -> list[Path]:
+def audio_files(inputs: list[Path]) -> list[Path]:
     files = []
     for item in inputs:
         if item.is_dir():

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from moshi.models.lm import LMModel, LMOutput
 
+from ..models.streams import scored_alone
+
 
 @dataclass
 class LossWeights:
@@ -29,11 +31,9 @@ class LossWeights:
 def loss_weights(lm: LMModel, codes: torch.Tensor, first_codebook_weight_multiplier: float,
                  text_padding_weight: float) -> LossWeights:
     """Weights of every target token of `codes` [B, K, T]."""
-    T = codes.shape[-1]
-    time = torch.arange(T, device=codes.device)
-    valid_delay = torch.stack([time < T - delay for delay in lm.delays[:1 + lm.dep_q]])  # [1 + dep_q, T]
+    B, _, T = codes.shape
     targets = codes[:, :1 + lm.dep_q]
-    weights = ((targets != lm.zero_token_id) & valid_delay).float()
+    weights = ((targets != lm.zero_token_id) & scored_alone(lm, [T] * B, T, codes.device)).float()
     text = weights[:, :1]
     padding = (targets[:, :1] == lm.text_padding_token_id) | (targets[:, :1] == lm.end_of_text_padding_id)
     text = torch.where(padding, text * text_padding_weight, text)
