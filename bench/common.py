@@ -16,6 +16,8 @@ from moshi_ttt.utils.atomic import atomic_file
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    if device.type == "meta":
+        return "meta (memory estimate, no computation)"
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
@@ -43,8 +45,20 @@ def time_ms(fn: tp.Callable[[], tp.Any], device: torch.device, warmup: int = 2, 
     return statistics.median(times)
 
 
-def peak_memory_gib(fn: tp.Callable[[], tp.Any], device: torch.device) -> float | None:
-    """Peak allocated CUDA memory during `fn` (everything allocated, weights included); None on CPU."""
+def peak_memory_gib(fn: tp.Callable[[], tp.Any], device: torch.device, tracked: tp.Sequence[tp.Any] = ()) -> float | None:
+    """Peak memory during `fn` (everything allocated, weights included); None on CPU.
+
+    On CUDA, what the allocator reports. On the meta device, which holds no data, an
+    estimate by torch's MemTracker, counting the modules and tensors in `tracked` and
+    everything `fn` allocates: GPU memory without a GPU.
+    """
+    if device.type == "meta":
+        from torch.distributed._tools.mem_tracker import MemTracker
+        tracker = MemTracker()
+        tracker.track_external(*tracked)
+        with tracker:
+            fn()
+        return tracker.get_tracker_snapshot("peak")[device]["Total"] / 2**30
     if device.type != "cuda":
         return None
     synchronize(device)

@@ -8,6 +8,10 @@ codebase (and the paper's code) computed it. Ratios are to the plain MLP.
 
     python bench/layer.py                    # Moshi's size on the GPU: d=4096, h=11264, C=512, bf16
     python bench/layer.py --size small       # CPU-sized: d=256, h=704, C=64, float32
+    python bench/layer.py --device meta      # Moshi's size, peak memory only, estimated on any machine
+
+Each candidate is measured with only its own weights allocated (plus the shared
+inputs x, x0 and the output gradient), so memory ratios are the layers' own.
 """
 
 import argparse
@@ -46,27 +50,30 @@ def materialized_ttt(layer: InPlaceTTTGating, x: torch.Tensor, x0: torch.Tensor)
     return out.reshape(x.shape[0], -1, x.shape[2])[:, :T].to(x.dtype)
 
 
-def with_scan_block(block: int, layer: InPlaceTTTGating, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """The layer's scan form with blocks of `block` positions."""
-    default, inplace_ttt.SCAN_BLOCK = inplace_ttt.SCAN_BLOCK, block
+def ttt_forward(layer: InPlaceTTTGating, algorithm: str, block: int | None, x, x0):
+    """The layer with `algorithm` and, for the scan, blocks of `block` positions."""
+    default, inplace_ttt.SCAN_BLOCK = inplace_ttt.SCAN_BLOCK, block or inplace_ttt.SCAN_BLOCK
+    layer.algorithm = algorithm
     try:
         return layer(x, x0)
     finally:
         inplace_ttt.SCAN_BLOCK = default
 
 
-def measure(forward, params, x, grad_out, device):
+def measure(forward, module, x, x0, grad_out, device):
     def step():
-        for p in params:
+        for p in module.parameters():
             p.grad = None
         x.grad = None
         forward().backward(grad_out)
     try:
-        ms = time_ms(step, device)
-        gib = peak_memory_gib(step, device)
+        ms = None if device.type == "meta" else time_ms(step, device)
+        gib = peak_memory_gib(step, device, tracked=(module, x, x0, grad_out))
     except torch.OutOfMemoryError:
         return None, None
     finally:
+        for p in module.parameters():
+            p.grad = None
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -78,17 +85,16 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="moshi")
     parser.add_argument("--lengths", type=int, nargs="*")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/layer.json"))
+    parser.add_argument("--clip-tau", type=float, default=None, help="clip each chunk's update (off by default)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results JSON (default bench/results/layer.json, layer-meta.json on meta)")
     args = parser.parse_args()
     size = SIZES[args.size]
     device = torch.device(args.device)
     dtype = getattr(torch, size["dtype"])
     torch.manual_seed(0)
     gating = ActivationGating(size["dim"], size["dim_feedforward"], F.silu, device=device, dtype=dtype)
-    layers = {alg: InPlaceTTTGating.from_gating(gating, chunk_size=size["chunk"], eta=1e-3, init="normal",
-                                                init_std=0.02, algorithm=alg)
-              for alg in ("auto", "dual", "scan")}
-    hidden = layers["auto"].hidden
+    hidden = gating.linear_out.weight.shape[1]
     default_block = inplace_ttt.SCAN_BLOCK
     scan_blocks = sorted({size["chunk"], default_block, 2 * default_block})
     rows, results = [], []
@@ -96,26 +102,31 @@ def main() -> None:
         x = torch.randn(1, T, size["dim"], device=device, dtype=dtype, requires_grad=True)
         x0 = torch.randn(1, T, size["dim"], device=device, dtype=dtype)
         grad_out = torch.randn(1, T, size["dim"], device=device, dtype=dtype)
-        candidates = {"plain": (lambda: gating(x), list(gating.parameters()))}
-        for alg in ("auto", "dual"):
-            candidates[f"ttt-{alg}"] = (lambda layer=layers[alg]: layer(x, x0), list(layers[alg].parameters()))
-        for block in scan_blocks:
-            candidates[f"ttt-scan-{block}"] = (lambda block=block: with_scan_block(block, layers["scan"], x, x0),
-                                               list(layers["scan"].parameters()))
-        candidates["materialized"] = (lambda: materialized_ttt(layers["auto"], x, x0),
-                                      list(layers["auto"].parameters()))
-        measured = {name: measure(fwd, params, x, grad_out, device) for name, (fwd, params) in candidates.items()}
+        measured = {"plain": measure(lambda: gating(x), gating, x, x0, grad_out, device)}
+        # Made after the plain MLP is measured, so that its target generator is not counted there.
+        layer = InPlaceTTTGating.from_gating(gating, chunk_size=size["chunk"], eta=1e-3, init="normal",
+                                             init_std=0.02, clip_tau=args.clip_tau)
+        candidates = {"ttt-auto": ("auto", None), "ttt-dual": ("dual", None)}
+        candidates.update({f"ttt-scan-{block}": ("scan", block) for block in scan_blocks})
+        for name, (algorithm, block) in candidates.items():
+            measured[name] = measure(lambda a=algorithm, b=block, m=layer: ttt_forward(m, a, b, x, x0),
+                                     layer, x, x0, grad_out, device)
+        measured["materialized"] = measure(lambda m=layer: materialized_ttt(m, x, x0), layer, x, x0, grad_out, device)
+        del layer
         plain_ms, plain_gib = measured["plain"]
         for name, (ms, gib) in measured.items():
             entry = {"T": T, "impl": name, "ms": ms, "peak_gib": gib,
-                     "time_ratio": ms / plain_ms if ms else None,
+                     "time_ratio": ms / plain_ms if ms and plain_ms else None,
                      "memory_ratio": gib / plain_gib if gib and plain_gib else None}
             results.append(entry)
-            rows.append([T, name, ms if ms is not None else "OOM", gib if gib is not None else "-",
-                         entry["time_ratio"] or "-", entry["memory_ratio"] or "-"])
+            out_of_memory = gib is None and device.type == "cuda"
+            rows.append([T, name, "OOM" if out_of_memory else (ms if ms is not None else "-"),
+                         gib if gib is not None else "-", entry["time_ratio"] or "-", entry["memory_ratio"] or "-"])
     env = environment(device)
-    config = {"dim": size["dim"], "hidden": hidden, "chunk": size["chunk"], "dtype": size["dtype"], "batch": 1}
-    write_results(args.out, {**env, **config, "results": results})
+    config = {"dim": size["dim"], "hidden": hidden, "chunk": size["chunk"], "dtype": size["dtype"], "batch": 1,
+              "clip_tau": args.clip_tau}
+    out = args.out or Path("bench/results") / ("layer-meta.json" if device.type == "meta" else "layer.json")
+    write_results(out, {**env, **config, "results": results})
     print(f"{env['device']}, torch {env['torch']}, {env['date']}; {config}")
     print(markdown_table(["T", "impl", "fwd+bwd ms", "peak GiB", "time / plain", "memory / plain"], rows))
 

@@ -24,7 +24,8 @@ def make_layer():
 
 
 @pytest.fixture(autouse=True)
-def small_scan_blocks(monkeypatch):
-    """At test sizes a 2048-position scan block would hold the whole sequence: use 8."""
-    from moshi_ttt.ops import inplace_ttt
+def small_blocks(monkeypatch):
+    """At test sizes a 2048-position scan block or conv span would hold the whole sequence: use 8."""
+    from moshi_ttt.ops import inplace_ttt, target_conv
     monkeypatch.setattr(inplace_ttt, "SCAN_BLOCK", 8)
+    monkeypatch.setattr(target_conv, "SPAN", 8)

@@ -65,9 +65,18 @@ def test_no_warning_for_eval_or_longer_sequences(make_layer, recwarn):
 
 
 @pytest.mark.parametrize("block_chunks", [1, 2, 10])
-def test_gradcheck_block_scan(block_chunks):
-    from moshi_ttt.ops import block_scan
+@pytest.mark.parametrize("clip_tau", [None, 0.5])
+def test_gradcheck_fast_weight_ops(block_chunks, clip_tau):
+    from moshi_ttt.ops import add_fast_weight_term_, ttt_down_projection
     g = torch.Generator().manual_seed(0)
+    out = torch.randn(2, 4 * C + 2, 4, dtype=torch.float64, generator=g, requires_grad=True)
     z = torch.randn(2, 4 * C + 2, 5, dtype=torch.float64, generator=g, requires_grad=True)
     v = torch.randn(2, 4 * C + 2, 4, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda z, v: block_scan(z, v, C, block_chunks * C), (z, v))
+    w = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    args = (0.7, C, block_chunks * C, clip_tau)
+    assert torch.autograd.gradcheck(lambda out, z, v: add_fast_weight_term_(out.clone(), z, v, *args), (out, z, v))
+    assert torch.autograd.gradcheck(lambda z, v, w: ttt_down_projection(z, v, w, *args), (z, v, w))
+    fused = ttt_down_projection(z, v, w, *args)
+    torch.testing.assert_close(fused, add_fast_weight_term_(z @ w.T, z, v, *args))
+    if clip_tau is not None:  # the clip binds: the term differs from the unclipped one
+        assert not torch.allclose(fused, ttt_down_projection(z, v, w, 0.7, C, block_chunks * C))

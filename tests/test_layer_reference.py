@@ -113,16 +113,19 @@ def test_auto_picks_dual_for_short_and_scan_for_long(monkeypatch):
 
 
 @pytest.mark.parametrize("block_chunks", [1, 2, 3, 100])
-def test_block_scan_is_exact_for_any_block(make_layer, block_chunks):
+def test_fast_weight_term_is_exact_for_any_block(make_layer, block_chunks):
     """One chunk per block (pure scan) to one block for everything (pure dual)."""
-    from moshi_ttt.ops import block_scan
+    from moshi_ttt.ops import add_fast_weight_term_
     torch.manual_seed(0)
     z = torch.randn(2, 7 * C + 1, 6, dtype=torch.float64)
     v = torch.randn(2, 7 * C + 1, 5, dtype=torch.float64)
-    expected = torch.zeros_like(v)
+    out = torch.randn_like(v)
+    expected = out.clone()
     for start in range(C, z.shape[1], C):
         state = v[:, :start].transpose(1, 2) @ z[:, :start]
-        expected[:, start:start + C] = z[:, start:start + C] @ state.transpose(1, 2)
-    torch.testing.assert_close(block_scan(z, v, C, block_chunks * C), expected)
+        expected[:, start:start + C] += 0.5 * z[:, start:start + C] @ state.transpose(1, 2)
+    result = add_fast_weight_term_(out, z, v, 0.5, C, block_chunks * C)
+    assert result is out
+    torch.testing.assert_close(out, expected)
     with pytest.raises(ValueError, match="block_size=6 must be a multiple of chunk_size=4"):
-        block_scan(z, v, C, 6)
+        add_fast_weight_term_(out, z, v, 0.5, C, 6)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.convert import ttt_layers
-from ..ops import block_scan, chunk_delta_sq_norms, clip_scales, compute_dtype, expand_chunk_values, pad_to_chunks
+from ..ops import add_fast_weight_term_, chunk_delta_sq_norms, clip_scales, compute_dtype, expand_chunk_values, pad_to_chunks
 from ..utils.atomic import atomic_file
 
 
@@ -48,7 +48,8 @@ def _layer_diagnostics(layer, z: torch.Tensor, v: torch.Tensor) -> dict[str, lis
     sq = chunk_delta_sq_norms(zf, vf, C)  # [B, n]
     scales = clip_scales(sq, eta, layer.clip_tau)
     slow = F.linear(z, _weight(layer.linear_out)).to(cd)
-    fast = block_scan(zf, vf * expand_chunk_values(scales, C, T), C, -(-T // C) * C)  # Z_i S_i^T
+    vc = vf * expand_chunk_values(scales, C, T)
+    fast = add_fast_weight_term_(torch.zeros_like(vf), zf, vc, 1.0, C, -(-T // C) * C)  # Z_i S_i^T
     sizes = pad_to_chunks(torch.ones_like(zf[..., :1]), C).sum(dim=(2, 3))  # tokens per chunk
     l0 = -(pad_to_chunks(slow * vf, C)).sum(dim=(2, 3)) / sizes
     before = (pad_to_chunks(fast * vf, C)).sum(dim=(2, 3))  # <Z_i S_i^T, V_i>

@@ -4,4 +4,4 @@ from .fast_weights import FastWeightState
 from .targets import TARGET_INITS, LMAlignedTargets
 from .ttt_gating import InPlaceTTTGating, TTTInactiveWarning
 
-__all__ = ["FastWeightState", "InPlaceTTTGating", "LMAlignedTargets", "TARGET_INITS", "TTTInactiveWarning"]
+__all__ = ["TARGET_INITS", "FastWeightState", "InPlaceTTTGating", "LMAlignedTargets", "TTTInactiveWarning"]

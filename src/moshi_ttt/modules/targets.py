@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import chunked_future_conv, compute_dtype
+from ..ops import future_conv_targets
 
 TargetInit = tp.Literal["warm", "next_token", "normal"]
 TARGET_INITS: tuple[str, ...] = tp.get_args(TargetInit)
@@ -63,6 +63,4 @@ class LMAlignedTargets(nn.Module):
 
     def forward(self, x0: torch.Tensor, chunk_size: int) -> torch.Tensor:
         """x0: [B, T, d] -> V: [B, T, d], chunk by chunk."""
-        cd = compute_dtype(x0.dtype)
-        conv_out = chunked_future_conv(x0.to(cd), self.conv.to(cd), chunk_size)
-        return self.project(conv_out)
+        return future_conv_targets(x0, self.conv, self.proj.weight, chunk_size)

@@ -19,7 +19,7 @@ from torch import nn
 from moshi.modules.gating import ActivationGating
 from moshi.modules.streaming import StreamingModule
 
-from ..ops import ALGORITHMS, chunk_delta_sq_norms, clipped_targets, compute_dtype, inplace_ttt_update
+from ..ops import ALGORITHMS, add_inplace_ttt_, chunk_delta_sq_norms, clipped_targets, compute_dtype, inplace_ttt_down
 from .fast_weights import FastWeightState
 from .targets import LMAlignedTargets, TargetInit
 
@@ -123,18 +123,16 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         only); each document gets its own fast weights, starting from W0.
         """
         self._check_inputs(x, x0, segments)
-        z = self.gated(x)
-        out = self.linear_out(z)
         if not self.ttt_active:
-            return out
-        if self._streaming_state is None:
-            update = self._parallel_update(z, x0, segments)
-        else:
-            update = self._streaming_update(z, x0)
-        return out.add_(update)  # the sum in float32, rounded once to the model's dtype
+            return self.linear_out(self.gated(x))
+        if self._streaming_state is not None:
+            z = self.gated(x)
+            return self.linear_out(z).add_(self._streaming_update(z, x0))  # the sum in float32, rounded once
+        return self._parallel_output(x, x0, segments)
 
-    def _parallel_update(self, z: torch.Tensor, x0: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
-        spans = document_spans(segments, z.shape[1])
+    def _parallel_output(self, x: torch.Tensor, x0: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
+        """The output for whole sequences, each document's fast weights starting from W0."""
+        spans = document_spans(segments, x.shape[1])
         longest = max(end - start for row in spans for start, end in row)
         if self.training and longest <= self.chunk_size:
             warnings.warn(
@@ -144,17 +142,28 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
                 "Use sequences longer than one chunk, or a smaller chunk_size.",
                 TTTInactiveWarning, stacklevel=2)
         if all(len(row) == 1 for row in spans):
-            return self._document_update(z, x0)
-        rows = [torch.cat([self._document_update(z[b:b + 1, start:end], x0[b:b + 1, start:end])
-                           for start, end in row], dim=1) for b, row in enumerate(spans)]
-        return torch.cat(rows, dim=0)
+            documents = [[(slice(None), slice(None))]]
+        else:
+            documents = [[(slice(b, b + 1), slice(start, end)) for start, end in row] for b, row in enumerate(spans)]
+        # Targets before Z: autograd runs the later-made nodes first, so the targets'
+        # backward then comes after the gated MLP's, once its activations are freed.
+        targets = [[self.ttt_target(x0[doc], self.chunk_size) for doc in row] for row in documents]
+        z = self.gated(x)
+        rows = [[self._document_output(z[doc], v) for doc, v in zip(row, row_targets)]
+                for row, row_targets in zip(documents, targets)]
+        if len(rows) == 1 and len(rows[0]) == 1:
+            return rows[0][0]
+        return torch.cat([torch.cat(row, dim=1) for row in rows], dim=0)
 
-    def _document_update(self, z: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """Fast-weight term of whole documents that start at position 0."""
-        v = self.ttt_target(x0, self.chunk_size)
+    def _document_output(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The output for whole documents that start at position 0, from Z and their targets."""
         if self.capture is not None:
             self.capture.append((z.detach(), v.detach()))
-        return inplace_ttt_update(z, v, self.chunk_size, self.eta, self.clip_tau, algorithm=self.algorithm)
+        args = (self.chunk_size, self.eta, self.clip_tau)
+        if type(self.linear_out) is nn.Linear and self.linear_out.bias is None:
+            return inplace_ttt_down(z, v, self.linear_out.weight, *args, algorithm=self.algorithm)
+        # Another slow layer (moshi's LoRA): its output, then the fast-weight term added in place.
+        return add_inplace_ttt_(self.linear_out(z), z, v, *args, algorithm=self.algorithm)
 
     def _streaming_update(self, z: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """Fast-weight term of a streaming step of any length."""
@@ -187,8 +196,8 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         """Chunk-aligned tokens of every sample at once, from the state's fast weights."""
         state.settle()
         v = clipped_targets(z, self.ttt_target(x0, self.chunk_size), self.chunk_size, self.eta, self.clip_tau)
-        update = inplace_ttt_update(z, v, self.chunk_size, self.eta, initial_delta=state.delta,
-                                    algorithm=self.algorithm)
+        update = z.new_zeros(*z.shape[:2], self.dim, dtype=compute_dtype(z.dtype))
+        add_inplace_ttt_(update, z, v, self.chunk_size, self.eta, initial_delta=state.delta, algorithm=self.algorithm)
         state.absorb(z, v)
         return update
 

@@ -2,19 +2,19 @@
 
 from .chunking import (
     chunk_delta_sq_norms,
-    chunked_future_conv,
     clip_scales,
     compute_dtype,
     expand_chunk_values,
-    future_conv_partial_rows,
     pad_to_chunks,
 )
-from .inplace_ttt import ALGORITHMS, block_size_for, clipped_targets, inplace_ttt_update
-from .scan import block_scan
+from .inplace_ttt import ALGORITHMS, add_inplace_ttt_, block_size_for, clipped_targets, inplace_ttt_down
+from .scan import add_fast_weight_term_, ttt_down_projection
+from .target_conv import chunked_future_conv, future_conv_partial_rows, future_conv_targets
 
 __all__ = [
     "ALGORITHMS",
-    "block_scan",
+    "add_fast_weight_term_",
+    "add_inplace_ttt_",
     "block_size_for",
     "chunk_delta_sq_norms",
     "chunked_future_conv",
@@ -23,6 +23,8 @@ __all__ = [
     "compute_dtype",
     "expand_chunk_values",
     "future_conv_partial_rows",
-    "inplace_ttt_update",
+    "future_conv_targets",
+    "inplace_ttt_down",
     "pad_to_chunks",
+    "ttt_down_projection",
 ]

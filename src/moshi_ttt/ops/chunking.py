@@ -1,6 +1,6 @@
-"""Chunk-local pieces of In-Place TTT: the target convolution and the delta clip.
+"""Chunk-local pieces of In-Place TTT: chunk padding and the delta clip.
 
-Both act on whole chunks of `chunk_size` positions; a chunk never reads another
+They act on whole chunks of `chunk_size` positions; a chunk never reads another
 chunk, which is what keeps the update of chunk i free of tokens after it.
 """
 
@@ -19,40 +19,6 @@ def pad_to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     n_chunks = -(-T // chunk_size)
     x = F.pad(x, (0, 0, 0, n_chunks * chunk_size - T))
     return x.view(B, n_chunks, chunk_size, D)
-
-
-def chunked_future_conv(x0: torch.Tensor, weight: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Depthwise conv over positions t .. t+K-1, zero-padded at the end of each chunk.
-
-    x0: [B, T, D] token embeddings; weight: [D, K], tap k reads position t+k.
-    Returns [B, T, D] in the dtype of the product of the inputs.
-    """
-    B, T, D = x0.shape
-    K = weight.shape[1]
-    chunks = pad_to_chunks(x0, chunk_size)
-    chunks = F.pad(chunks, (0, 0, 0, K - 1))  # the zero padding at each chunk's end
-    out = chunks[:, :, 0:chunk_size] * weight[:, 0]
-    for k in range(1, K):
-        out = out + chunks[:, :, k:k + chunk_size] * weight[:, k]
-    return out.reshape(B, -1, D)[:, :T]
-
-
-def future_conv_partial_rows(window: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The conv of the last K positions from the K embeddings seen so far (streaming).
-
-    window: [B, K, D], the embeddings at positions p-K+1 .. p; weight: [D, K].
-    Row j of the result is the conv at position p-j with the taps past p left at
-    zero: its final value if the chunk ends at p, else a partial one. The sum runs
-    over taps in the same order as `chunked_future_conv`.
-    """
-    K = weight.shape[1]
-    rows = []
-    for j in range(K):
-        row = window[:, K - 1 - j] * weight[:, 0]
-        for k in range(1, j + 1):
-            row = row + window[:, K - 1 - j + k] * weight[:, k]
-        rows.append(row)
-    return torch.stack(rows, dim=1)
 
 
 def chunk_delta_sq_norms(z: torch.Tensor, v: torch.Tensor, chunk_size: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """In-Place TTT over whole sequences: the fast-weight part of the down-projection.
 
-With slow output `Z W0^T`, the layer's output is `Z W0^T + inplace_ttt_update(...)`,
-where the update term for chunk i is `eta * Z_i (S0 + sum_{j<i} c_j V_j^T Z_j)^T`:
+The layer's output is the slow output `Z W0^T` plus the fast-weight term
+(`inplace_ttt_down`, or `add_inplace_ttt_` onto a slow output computed
+elsewhere, such as a LoRA layer's): for chunk i `eta * Z_i (S0 + sum_{j<i} c_j V_j^T Z_j)^T`:
 S0 the delta carried in from earlier calls (streaming), c_j the clip factor.
 """
 
@@ -11,7 +12,7 @@ import torch
 
 from .chunking import chunk_delta_sq_norms, clip_scales, compute_dtype, expand_chunk_values
 from .matmul import bmm_acc, operand_dtype
-from .scan import block_scan
+from .scan import add_fast_weight_term_, ttt_down_projection
 
 Algorithm = tp.Literal["auto", "dual", "scan"]
 ALGORITHMS: tuple[str, ...] = tp.get_args(Algorithm)
@@ -21,7 +22,7 @@ SCAN_BLOCK = 2048  # positions per scan block (rounded to whole chunks)
 def block_size_for(algorithm: str, length: int, dim: int, hidden: int, chunk_size: int) -> int:
     """The scan block size that implements `algorithm` for a sequence of `length`.
 
-    "dual" is one block over the whole sequence (~ T^2 (4h + 3d) / 2 multiply-adds for
+    "dual" is one block over the whole sequence (~ T^2 (4h + 4d) / 2 multiply-adds for
     forward and backward); "scan" uses blocks of about SCAN_BLOCK positions (~ 7 T d h);
     "auto" takes the dual form while it needs fewer operations.
     """
@@ -29,7 +30,7 @@ def block_size_for(algorithm: str, length: int, dim: int, hidden: int, chunk_siz
         raise ValueError(f"algorithm={algorithm!r}: expected one of {ALGORITHMS}")
     whole = -(-length // chunk_size) * chunk_size
     if algorithm == "auto":
-        algorithm = "dual" if length * (4 * hidden + 3 * dim) <= 14 * dim * hidden else "scan"
+        algorithm = "dual" if length * (4 * hidden + 4 * dim) <= 14 * dim * hidden else "scan"
     if algorithm == "dual":
         return whole
     return max(chunk_size, SCAN_BLOCK // chunk_size * chunk_size)
@@ -38,7 +39,11 @@ def block_size_for(algorithm: str, length: int, dim: int, hidden: int, chunk_siz
 def clipped_targets(
     z: torch.Tensor, v: torch.Tensor, chunk_size: int, eta: float, clip_tau: float | None
 ) -> torch.Tensor:
-    """V with the rows of each chunk scaled by that chunk's clip factor (V itself without a clip)."""
+    """V with the rows of each chunk scaled by that chunk's clip factor (V itself without a clip).
+
+    For streaming and diagnostics (float32 copies, no gradient economy); whole-sequence
+    training applies the clip inside `add_fast_weight_term_`.
+    """
     if clip_tau is None:
         return v
     vf = v.to(compute_dtype(v.dtype))
@@ -47,7 +52,25 @@ def clipped_targets(
     return vf * expand_chunk_values(scales, chunk_size, v.shape[1])
 
 
-def inplace_ttt_update(
+def inplace_ttt_down(
+    z: torch.Tensor,
+    v: torch.Tensor,
+    weight: torch.Tensor,
+    chunk_size: int,
+    eta: float,
+    clip_tau: float | None = None,
+    algorithm: Algorithm = "auto",
+) -> torch.Tensor:
+    """The layer's down-projection `Z W0^T` plus the fast-weight term, [B, T, d] (differentiable).
+
+    z: [B, T, h] gated activations; v: [B, T, d] targets; weight: W0, [d, h].
+    """
+    block = block_size_for(algorithm, z.shape[1], v.shape[-1], z.shape[-1], chunk_size)
+    return ttt_down_projection(z, v, weight, eta, chunk_size, block, clip_tau)
+
+
+def add_inplace_ttt_(
+    out: torch.Tensor,
     z: torch.Tensor,
     v: torch.Tensor,
     chunk_size: int,
@@ -56,14 +79,14 @@ def inplace_ttt_update(
     initial_delta: torch.Tensor | None = None,
     algorithm: Algorithm = "auto",
 ) -> torch.Tensor:
-    """Fast-weight output term, [B, T, d] in float32 (float64 for float64 inputs).
+    """out += the fast-weight term, in place (differentiable); returns out.
 
-    z: [B, T, h] gated activations; v: [B, T, d] targets; initial_delta: [B, d, h]
-    accumulated (clipped, not eta-scaled) deltas that precede position 0, if any.
+    out: [B, T, d] slow output; z: [B, T, h] gated activations; v: [B, T, d] targets;
+    initial_delta: [B, d, h] accumulated (clipped, not eta-scaled) deltas that precede
+    position 0, if any (streaming, without gradient).
     """
     block = block_size_for(algorithm, z.shape[1], v.shape[-1], z.shape[-1], chunk_size)
-    vc = clipped_targets(z, v, chunk_size, eta, clip_tau)
-    y = block_scan(z, vc, chunk_size, block)
+    out = add_fast_weight_term_(out, z, v, eta, chunk_size, block, clip_tau)
     if initial_delta is not None:
-        y = y + bmm_acc(z, initial_delta.transpose(1, 2), operand_dtype(z.dtype, z.device))
-    return eta * y
+        out.add_(bmm_acc(z, initial_delta.transpose(1, 2), operand_dtype(z.dtype, z.device)), alpha=eta)
+    return out

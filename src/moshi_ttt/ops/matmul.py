@@ -2,7 +2,8 @@
 
 The fast-weight math needs float32 sums, not float32 operands: on CUDA, bf16 and
 fp16 operands go to the tensor cores with float32 accumulation and output
-(`out_dtype`); elsewhere the operands are upcast to the compute dtype.
+(`out_dtype`); elsewhere the operands are upcast to the compute dtype. The meta
+device, which holds no data, stands in for CUDA in memory estimates.
 """
 
 import torch
@@ -13,8 +14,8 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def operand_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype matmul operands are kept in: low precision on CUDA, else the compute dtype."""
-    if device.type == "cuda" and dtype in _LOW_PRECISION:
+    """The dtype matmul operands are kept in: low precision on CUDA (and meta), else the compute dtype."""
+    if device.type in ("cuda", "meta") and dtype in _LOW_PRECISION:
         return dtype
     return compute_dtype(dtype)
 
@@ -28,10 +29,11 @@ def bmm_acc(a: torch.Tensor, b: torch.Tensor, op: torch.dtype) -> torch.Tensor:
 
 
 def baddbmm_acc_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, op: torch.dtype,
-                 alpha: float = 1.0) -> None:
-    """out += alpha * a @ b in place; `out` is float32 (or float64), operands in `op`."""
+                 alpha: float = 1.0) -> torch.Tensor:
+    """out += alpha * a @ b in place, returns out; `out` is float32 (or float64), operands in `op`."""
     a, b = a.to(op), b.to(op)
+    if out.is_meta:
+        return out  # no data to compute; torch 2.9's meta baddbmm rejects out_dtype
     if op in _LOW_PRECISION:
-        torch.baddbmm(out, a, b, alpha=alpha, out_dtype=torch.float32, out=out)
-    else:
-        out.baddbmm_(a, b, alpha=alpha)
+        return torch.baddbmm(out, a, b, alpha=alpha, out_dtype=torch.float32, out=out)
+    return out.baddbmm_(a, b, alpha=alpha)

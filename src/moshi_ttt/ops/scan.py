@@ -4,91 +4,228 @@ With blocks of L = k*C positions, block b reads the fast-weight state S_b (the
 sum of the updates of every earlier block) and, in dual form, the earlier chunks
 of its own block; then its updates join the state:
 
-    Y_b = Z_b S_b^T + dual(Z_b, V_b),   S_{b+1} = S_b + V_b^T Z_b
+    Y_b = Z_b S_b^T + dual(Z_b, c V_b),   S_{b+1} = S_b + (c V_b)^T Z_b
 
-One block covering the sequence is the pure dual form (cost ~ T^2 (h + d));
-blocks of one chunk are the pure chunk scan (cost ~ T d h, but a d x h float32
-state read and written every chunk). Blocks of a few chunks keep the linear
-cost and cut the state traffic. Only Z and V are saved for the backward, which
-rebuilds the last state with one matmul, then walks the blocks in reverse,
-taking each block's update back out of the state while it accumulates the
-state's gradient G. Memory: two d x h float32 matrices at most.
+(c: each chunk's clip factor, 1 without a clip). One block covering the sequence
+is the pure dual form (cost ~ T^2 (h + d)); blocks of one chunk are the pure chunk
+scan (cost ~ T d h, but a d x h float32 state read and written every chunk).
+Blocks of a few chunks keep the linear cost and cut the state traffic.
+
+Memory is what this module is built around. The term is added to the slow
+output chunk by chunk, each chunk's sum in float32 and rounded once; the clip
+scales score columns and chunk rows, so no clipped copy of V exists. Only Z and
+V are saved. The backward writes every gradient row once, from float32 sums of
+one chunk, so no float32 buffer the size of Z or V exists; and it holds one
+d x h state at a time: a first pass in block order replays S_b for the term
+`dY_b S_b` of dZ, a second pass in reverse order accumulates the state's
+gradient G (what later blocks read) for the rest.
 """
 
 import torch
+import torch.nn.functional as F
 
-from .chunking import compute_dtype
-from .dual import dual_backward_, dual_forward_
+from .dual import dual_backward_chunk, dual_forward_chunk
 from .matmul import baddbmm_acc_, bmm_acc, operand_dtype
 
 
-class _BlockScan(torch.autograd.Function):
+def _blocks(length: int, block_size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + block_size, length)) for start in range(0, length, block_size)]
+
+
+def _chunks(start: int, end: int, chunk_size: int) -> list[tuple[int, int]]:
+    return [(q, min(q + chunk_size, end)) for q in range(start, end, chunk_size)]
+
+
+class _Clip:
+    """Each chunk's clip factor c = tau / max(eta ||V^T Z||_F, tau), from C x C Gram matrices."""
+
+    def __init__(self, z: torch.Tensor, v: torch.Tensor, eta: float, tau: float, chunk_size: int,
+                 op: torch.dtype):
+        self.chunk_size, self.eta, self.tau, self.op = chunk_size, eta, tau, op
+        sq = [torch.mul(*self._grams(z, v, q, e)).sum((1, 2)) for q, e in _chunks(0, z.shape[1], chunk_size)]
+        self.sq_norms = torch.stack(sq, dim=1)  # [B, n_chunks]
+        self.clipped = self.sq_norms * (eta * eta) > tau * tau
+        self.scales = torch.where(self.clipped, tau / (eta * self.sq_norms.clamp_min(1e-30).sqrt()), 1.0)
+
+    def _grams(self, z, v, start, end):
+        zq, vq = z[:, start:end], v[:, start:end]
+        return bmm_acc(zq, zq.transpose(1, 2), self.op), bmm_acc(vq, vq.transpose(1, 2), self.op)
+
+    def positions(self, start: int, end: int) -> torch.Tensor:
+        """[B, end - start]: the factor of each position in [start, end), start a chunk start."""
+        C = self.chunk_size
+        per_chunk = self.scales[:, start // C:-(-end // C)]
+        return per_chunk.repeat_interleave(C, dim=1)[:, :end - start]
+
+    def chunk(self, q: int) -> torch.Tensor:
+        """[B, 1, 1]: the factor of the chunk starting at q."""
+        return self.scales[:, q // self.chunk_size, None, None]
+
+    def add_grad_(self, dz_q, dv_q, z, v, q, end, grad_scale) -> None:
+        """dZ_q, dV_q += the gradient through this chunk's factor, given dLoss/dc ([B])."""
+        i = q // self.chunk_size
+        # dc / d||.||^2 = -c / (2 ||.||^2) where clipped, 0 where not; d||.||^2/dZ = 2 Gv Z, /dV = 2 Gz V.
+        coef = torch.where(self.clipped[:, i], -grad_scale * self.scales[:, i] / self.sq_norms[:, i], 0.0)
+        gram_z, gram_v = self._grams(z, v, q, end)
+        baddbmm_acc_(dz_q, gram_v * coef[:, None, None], z[:, q:end], self.op)
+        baddbmm_acc_(dv_q, gram_z * coef[:, None, None], v[:, q:end], self.op)
+
+
+def _scaled(v: torch.Tensor, clip: _Clip | None, start: int, end: int) -> torch.Tensor:
+    if clip is None:
+        return v[:, start:end]
+    return (v[:, start:end] * clip.positions(start, end)[..., None]).to(v.dtype)
+
+
+def _add_fast_term_(out, z, v, clip, eta, chunk_size, block_size, op) -> None:
+    """out += eta * (the fast-weight term), chunk by chunk, without autograd."""
+    T = z.shape[1]
+    state = None  # float32 [B, d, h]: the updates of the blocks before this one
+    for start, end in _blocks(T, block_size):
+        state_t = None  # the last block's copy goes before this one's is made
+        if state is not None:
+            state_t = state.to(op).transpose(1, 2)
+        for q, q_end in _chunks(start, end, chunk_size):
+            if state_t is None and q == start:
+                continue  # the first chunk reads nothing
+            acc = None if state_t is None else bmm_acc(z[:, q:q_end], state_t, op)
+            key_scales = None if clip is None else clip.positions(start, q)
+            acc = dual_forward_chunk(acc, z[:, q:q_end], z[:, start:q], v[:, start:q], op, key_scales)
+            out[:, q:q_end].add_(acc, alpha=eta)
+        if end < T:
+            state = _add_update(state, z[:, start:end], _scaled(v, clip, start, end), op)
+
+
+def _fast_term_backward(dout, z, v, clip, eta, chunk_size, block_size, op, weight=None):
+    """dZ and dV of `out += eta * fast term` (plus `dout W` in dZ when the slow weight W is given)."""
+    T = z.shape[1]
+    blocks = _blocks(T, block_size)
+    dz = torch.empty_like(z)
+    dv = torch.empty_like(v)
+
+    # Pass 1, block order: dZ_b = eta dY_b S_b, with S_b replayed as in the forward.
+    state = state_op = None
+    for start, end in blocks:
+        if state is not None:
+            state_op = None  # as above: one copy at a time
+            state_op = state.to(op)
+            for q, q_end in _chunks(start, end, chunk_size):
+                dz[:, q:q_end] = bmm_acc(dout[:, q:q_end].to(op) * eta, state_op, op)
+        if end < T:
+            state = _add_update(state, z[:, start:end], _scaled(v, clip, start, end), op)
+    del state, state_op
+
+    # Pass 2, reverse order: the dual form inside each block, and G (d x h,
+    # float32) = eta * sum over later blocks of dY^T Z, the gradient of this block's update.
+    grad_state = None
+    weight_op = None if weight is None else weight.to(op).expand(z.shape[0], -1, -1)
+    for start, end in reversed(blocks):
+        dy = dout[:, start:end].to(op) * eta
+        grad_op = None  # the last block's copy goes before this one's is made
+        if grad_state is not None:
+            grad_op = grad_state.to(op)
+        zb, vb = z[:, start:end], v[:, start:end]
+        scales = None if clip is None else clip.positions(start, end)
+        for q, q_end in _chunks(start, end, chunk_size):
+            dz_q, dv_q = dual_backward_chunk(zb, vb, dy, q - start, q_end - start, op, scales)
+            if grad_op is not None:
+                baddbmm_acc_(dz_q, _scaled(v, clip, q, q_end), grad_op, op)
+                baddbmm_acc_(dv_q, z[:, q:q_end], grad_op.transpose(1, 2), op)
+            if weight_op is not None:
+                baddbmm_acc_(dz_q, dout[:, q:q_end], weight_op, op)
+            if start > 0:
+                dz_q.add_(dz[:, q:q_end])  # the state term of pass 1
+            if clip is not None:  # dv_q so far is the gradient of the clipped rows c V_q
+                grad_scale = (dv_q * v[:, q:q_end]).sum((1, 2))
+                dv_q.mul_(clip.chunk(q))
+                clip.add_grad_(dz_q, dv_q, z, v, q, q_end, grad_scale)
+            dz[:, q:q_end] = dz_q
+            dv[:, q:q_end] = dv_q
+        if start > 0:
+            if grad_state is None:
+                grad_state = bmm_acc(dy.transpose(1, 2), zb, op)
+            else:
+                baddbmm_acc_(grad_state, dy.transpose(1, 2), zb, op)
+    return dz, dv
+
+
+def _add_update(state: torch.Tensor | None, z: torch.Tensor, v: torch.Tensor, op: torch.dtype) -> torch.Tensor:
+    """state + V^T Z (a new float32 [B, d, h] state when there is none yet)."""
+    if state is None:
+        return bmm_acc(v.transpose(1, 2), z, op)
+    return baddbmm_acc_(state, v.transpose(1, 2), z, op)
+
+
+def _setup(ctx, z, v, eta, chunk_size, block_size, clip_tau):
+    op = operand_dtype(z.dtype, z.device)
+    clip = None if clip_tau is None else _Clip(z, v, eta, clip_tau, chunk_size, op)
+    ctx.args = (clip, eta, chunk_size, block_size, op)
+    return ctx.args
+
+
+class _AddFastWeightTerm(torch.autograd.Function):
+    """out += eta * fast term, in place on out (any slow output, e.g. a LoRA layer's)."""
+
     @staticmethod
-    def forward(ctx, z: torch.Tensor, v: torch.Tensor, chunk_size: int, block_size: int) -> torch.Tensor:
-        op = operand_dtype(z.dtype, z.device)
-        zo, vo = z.to(op), v.to(op)
-        B, T, hidden = z.shape
-        dim = v.shape[-1]
-        y = torch.zeros(B, T, dim, dtype=compute_dtype(op), device=v.device)
-        state = None
-        for start in range(0, T, block_size):
-            end = min(start + block_size, T)
-            zb, vb = zo[:, start:end], vo[:, start:end]
-            if state is not None:
-                baddbmm_acc_(y[:, start:end], zb, state.to(op).transpose(1, 2), op)
-            dual_forward_(y[:, start:end], zb, vb, chunk_size, op)
-            if end < T:
-                if state is None:
-                    state = torch.zeros(B, dim, hidden, dtype=y.dtype, device=y.device)
-                baddbmm_acc_(state, vb.transpose(1, 2), zb, op)
-        ctx.save_for_backward(zo, vo)
-        ctx.sizes, ctx.op, ctx.dtypes = (chunk_size, block_size), op, (z.dtype, v.dtype)
-        return y
+    def forward(ctx, out, z, v, eta, chunk_size, block_size, clip_tau):
+        _add_fast_term_(out, z, v, *_setup(ctx, z, v, eta, chunk_size, block_size, clip_tau))
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(z, v)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy: torch.Tensor):
-        zo, vo = ctx.saved_tensors
-        (chunk_size, block_size), op = ctx.sizes, ctx.op
-        T = zo.shape[1]
-        starts = list(range(0, T, block_size))
-        z_dtype, v_dtype = ctx.dtypes
-        dz = torch.empty(zo.shape, dtype=z_dtype, device=dy.device)
-        dv = torch.empty(vo.shape, dtype=v_dtype, device=dy.device)
-        state = grad_state = None
-        if len(starts) > 1:
-            last = starts[-1]
-            state = bmm_acc(vo[:, :last].transpose(1, 2), zo[:, :last], op)  # read by the last block
-            grad_state = torch.zeros_like(state)  # d loss / d S_{b+1}: sum over later blocks
-        for start in reversed(starts):
-            end = min(start + block_size, T)
-            block = slice(start, end)
-            zb, vb, dyb = zo[:, block], vo[:, block], dy[:, block].to(op)
-            # Only this iteration writes the block's gradients: sum them in float32 here.
-            if end < T:
-                grad_op = grad_state.to(op)
-                dv_block = bmm_acc(zb, grad_op.transpose(1, 2), op)
-                dz_block = bmm_acc(vb, grad_op, op)
-            else:
-                dv_block = torch.zeros(vb.shape, dtype=dy.dtype, device=dy.device)
-                dz_block = torch.zeros(zb.shape, dtype=dy.dtype, device=dy.device)
-            dual_backward_(dz_block, dv_block, zb, vb, dyb, chunk_size, op)
-            if start > 0:
-                baddbmm_acc_(dz_block, dyb, state.to(op), op)
-                baddbmm_acc_(grad_state, dyb.transpose(1, 2), zb, op)
-                previous = slice(start - block_size, start)
-                baddbmm_acc_(state, vo[:, previous].transpose(1, 2), zo[:, previous], op, alpha=-1.0)
-            dz[:, block] = dz_block
-            dv[:, block] = dv_block
-        return dz, dv, None, None
+    def backward(ctx, dout):
+        z, v = ctx.saved_tensors
+        dz, dv = _fast_term_backward(dout, z, v, *ctx.args)
+        return dout, dz, dv, None, None, None, None
 
 
-def block_scan(z: torch.Tensor, v: torch.Tensor, chunk_size: int, block_size: int) -> torch.Tensor:
-    """The strictly-earlier-chunks term `Z_i (sum_{j<i} V_j^T Z_j)^T` for every chunk i.
+class _TTTDownProjection(torch.autograd.Function):
+    """Z W^T + eta * fast term: the whole down-projection, so that dZ is one tensor."""
 
-    z: [B, T, h], v: [B, T, d] -> [B, T, d] float32 (float64 for float64 inputs).
-    `block_size` is a multiple of `chunk_size`; >= T gives the pure dual form.
-    """
+    @staticmethod
+    def forward(ctx, z, v, weight, eta, chunk_size, block_size, clip_tau):
+        out = F.linear(z, weight)
+        _add_fast_term_(out, z, v, *_setup(ctx, z, v, eta, chunk_size, block_size, clip_tau))
+        ctx.save_for_backward(z, v, weight)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        z, v, weight = ctx.saved_tensors
+        dz, dv = _fast_term_backward(dout, z, v, *ctx.args, weight=weight)
+        grad_weight = None
+        if ctx.needs_input_grad[2]:
+            grad_weight = dout.flatten(0, -2).transpose(0, 1) @ z.flatten(0, -2)
+        return dz, dv, grad_weight, None, None, None, None
+
+
+def _check_block(block_size: int, chunk_size: int) -> None:
     if block_size % chunk_size:
         raise ValueError(f"block_size={block_size} must be a multiple of chunk_size={chunk_size}")
-    return _BlockScan.apply(z, v, chunk_size, block_size)
+
+
+def add_fast_weight_term_(out: torch.Tensor, z: torch.Tensor, v: torch.Tensor, eta: float,
+                          chunk_size: int, block_size: int, clip_tau: float | None = None) -> torch.Tensor:
+    """out += eta * Z_i (sum_{j<i} c_j V_j^T Z_j)^T for every chunk i, in place; returns out.
+
+    out: [B, T, d] (the slow output, any float dtype); z: [B, T, h]; v: [B, T, d].
+    c_j = tau / max(eta ||V_j^T Z_j||_F, tau) with tau = clip_tau (1 without a clip).
+    `block_size` is a multiple of `chunk_size`; >= T gives the pure dual form.
+    Differentiable in out, z and v.
+    """
+    _check_block(block_size, chunk_size)
+    return _AddFastWeightTerm.apply(out, z, v, float(eta), chunk_size, block_size, clip_tau)
+
+
+def ttt_down_projection(z: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, eta: float,
+                        chunk_size: int, block_size: int, clip_tau: float | None = None) -> torch.Tensor:
+    """Z W^T plus the fast-weight term of `add_fast_weight_term_`: the layer's output.
+
+    Like `add_fast_weight_term_(F.linear(z, weight), ...)`, but dZ of both terms is
+    summed in one buffer. z: [B, T, h]; v: [B, T, d]; weight: [d, h].
+    """
+    _check_block(block_size, chunk_size)
+    return _TTTDownProjection.apply(z, v, weight, float(eta), chunk_size, block_size, clip_tau)
