@@ -16,9 +16,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 def plot_layer(data: dict, out: Path) -> None:
     lengths = sorted({r["T"] for r in data["results"]})
     impls = [i for i in dict.fromkeys(r["impl"] for r in data["results"]) if i != "plain"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in ((axes[0], "time_ratio", "fwd+bwd time / plain MLP"),
-                           (axes[1], "memory_ratio", "peak memory / plain MLP")):
+    panels = [(key, label) for key, label in (("time_ratio", "fwd+bwd time / plain MLP"),
+                                             ("memory_ratio", "peak memory / plain MLP"))
+              if any(r[key] is not None for r in data["results"])]  # a memory estimate has no times
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
         for impl in impls:
             points = [(r["T"], r[key]) for r in data["results"] if r["impl"] == impl and r[key] is not None]
             if points:
@@ -30,9 +32,9 @@ def plot_layer(data: dict, out: Path) -> None:
         ax.set_xlabel("sequence length T (frames)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8)
     fig.suptitle(f"In-Place TTT layer, d={data['dim']}, h={data['hidden']}, C={data['chunk']}, "
-                 f"{data['dtype']} — {data['device']}, {data['date']}", fontsize=9)
+                 f"{data['dtype']}\n{data['device']}, {data['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
@@ -40,12 +42,13 @@ def plot_layer(data: dict, out: Path) -> None:
 def plot_streaming(data: dict, out: Path) -> None:
     batches = sorted({r["batch"] for r in data["results"]})
     fig, ax = plt.subplots(figsize=(5, 4))
-    width = 0.35
-    for i, model in enumerate(("plain", "ttt")):
+    models = [m for m in ("plain", "ttt", "ttt-kernels") if any(r["model"] == m for r in data["results"])]
+    width = 0.8 / len(models)
+    for i, model in enumerate(models):
         values = [next(r["median_ms"] for r in data["results"] if r["model"] == model and r["batch"] == b)
                   for b in batches]
         ax.bar([x + i * width for x in range(len(batches))], values, width, label=model)
-    ax.set_xticks([x + width / 2 for x in range(len(batches))], [f"batch {b}" for b in batches])
+    ax.set_xticks([x + width * (len(models) - 1) / 2 for x in range(len(batches))], [f"batch {b}" for b in batches])
     ax.set_ylabel("LMGen step, median ms")
     ax.legend()
     ax.set_title(f"Moshi 7B streaming step, TTT on {len(data['ttt_layers'])} layers\n"

@@ -1,13 +1,15 @@
 """Streaming benchmark: moshi's LMGen step latency, plain Moshi 7B against TTT Moshi 7B.
 
 Random weights in the real 7B config (bf16, CUDA graphs as moshi uses them), with
-In-Place TTT on every 6th layer from 0 (six layers) at C=512. Each step is timed
+In-Place TTT on every 6th layer from 0 (six layers) at C=512, its token step in
+PyTorch ("ttt") and with the Triton kernels ("ttt-kernels"). Each step is timed
 on its own, over more than one chunk, so a per-chunk cost would show in the max.
 
     python bench/streaming.py --batch 1 8 --steps 600
 """
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -53,6 +55,9 @@ def main() -> None:
     apply_ttt(lm, TTTConfig(chunk_size=args.chunk_size, init="normal", init_std=0.02, eta=1e-3))
     for batch in args.batch:
         runs[("ttt", batch)] = step_times(lm, batch, args.steps)
+    os.environ["MOSHI_TTT_KERNELS"] = "1"
+    for batch in args.batch:
+        runs[("ttt-kernels", batch)] = step_times(lm, batch, args.steps)
     rows, results = [], []
     for (kind, batch), times in runs.items():
         median = statistics.median(times)

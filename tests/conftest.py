@@ -5,6 +5,10 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Without a GPU, Triton kernels run (slowly, at test sizes) through Triton's interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch.nn.functional as F  # noqa: E402
 
 from moshi_ttt import InPlaceTTTGating  # noqa: E402

@@ -88,3 +88,18 @@ def test_lmgen_cuda_graphs_match_eager(dtype):
     torch.testing.assert_close(graphed_norms, eager_norms, rtol=1e-3, atol=1e-6)
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(graphed, eager, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_step_under_cuda_graph_equals_pytorch_step(dtype, monkeypatch):
+    layer = cuda_layer(dtype, chunk_size=8)
+    x, x0 = (t.to("cuda", dtype) for t in random_inputs(2, 6 * 8 + 3, 64))
+    eager = stream(layer, x, x0, [1]).float()  # the PyTorch step
+    monkeypatch.setenv("MOSHI_TTT_KERNELS", "1")
+    step = CUDAGraphed(layer)
+    with layer.streaming(2):
+        assert layer._streaming_state.use_kernels
+        graphed = torch.cat([step(x[:, t:t + 1], x0[:, t:t + 1]).clone() for t in range(x.shape[1])], dim=1)
+        assert step._graph is not None
+    scale = 1e-4 if dtype == torch.float32 else 2e-2
+    assert (graphed.float() - eager).abs().max() <= scale * eager.abs().max()

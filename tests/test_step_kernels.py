@@ -1,0 +1,93 @@
+"""The Triton streaming step against the PyTorch step and the parallel form.
+
+Without a GPU the kernels run through Triton's interpreter (set in conftest).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moshi_ttt import InPlaceTTTGating
+from moshi_ttt.ops import step_kernels
+
+pytestmark = [pytest.mark.skipif(step_kernels.triton is None, reason="Triton is not installed"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # from Triton's interpreter
+
+STATE = ("delta", "delta_read", "z_ring", "v_ring", "x0_tail", "pos", "slot", "prev_scale")
+
+
+def make_layer(dtype, kernel_size, dim=20, hidden=24, chunk_size=4, seed=0):
+    torch.manual_seed(seed)
+    return InPlaceTTTGating(dim, hidden, F.silu, chunk_size=chunk_size, eta=0.3, kernel_size=kernel_size,
+                            init="normal", init_std=0.2, dtype=dtype).eval()
+
+
+def run_steps(layer, x, x0, kernels, masks):
+    """Token steps with the given exec masks; outputs and the final state."""
+    outs = []
+    with torch.no_grad(), layer.streaming(x.shape[0]):
+        state = layer._streaming_state
+        state.use_kernels = kernels
+        for t in range(x.shape[1]):
+            state.set_exec_mask(masks[t])
+            outs.append(layer(x[:, t:t + 1], x0[:, t:t + 1]))
+        final = {name: getattr(state, name).clone() for name in STATE}
+    return torch.cat(outs, dim=1), final
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel_size", [1, 2, 3])
+def test_kernel_step_equals_pytorch_step(dtype, kernel_size):
+    """Five chunks (d=20 > C=4: several rows folded per step), one sample paused at times."""
+    layer = make_layer(dtype, kernel_size)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 22, 20, generator=g).to(dtype)
+    x0 = torch.randn(3, 22, 20, generator=g).to(dtype)
+    masks = [torch.tensor([True, t % 3 != 1, True]) for t in range(22)]
+    out_ref, state_ref = run_steps(layer, x, x0, kernels=False, masks=masks)
+    out, state = run_steps(layer, x, x0, kernels=True, masks=masks)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    ran = torch.stack(masks, dim=1)  # a paused sample's output is not used
+    torch.testing.assert_close(out[ran].float(), out_ref[ran].float(), **tol)
+    for name in STATE:
+        torch.testing.assert_close(state[name].float(), state_ref[name].float(), **tol, msg=name)
+    assert state_ref["pos"].tolist() != [22 % 4] * 3  # the paused sample is behind
+
+
+def test_kernel_step_keeps_the_low_precision_copy(monkeypatch):
+    """On CUDA a bf16 model's output reads a bf16 copy of delta, which the fold keeps up to date."""
+    from moshi_ttt.modules import fast_weights
+    layer = make_layer(torch.bfloat16, kernel_size=2)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 17, 20, generator=g).bfloat16()
+    x0 = torch.randn(2, 17, 20, generator=g).bfloat16()
+    masks = [torch.tensor([True, True])] * 17
+    out_ref, state_ref = run_steps(layer, x, x0, kernels=False, masks=masks)
+    monkeypatch.setattr(fast_weights, "operand_dtype", lambda dtype, device: torch.bfloat16)
+    out, state = run_steps(layer, x, x0, kernels=True, masks=masks)
+    assert state["delta_read"].dtype == torch.bfloat16
+    # Equal up to one bf16 step: Triton's interpreter truncates where the GPU rounds to nearest.
+    torch.testing.assert_close(state["delta_read"].float(), state["delta"], rtol=2**-7, atol=0)
+    assert state["delta"].abs().amax() > 0
+    torch.testing.assert_close(out, out_ref, rtol=2e-2, atol=2e-2)
+
+
+def test_kernel_step_equals_parallel_form():
+    layer = make_layer(torch.float32, kernel_size=2, chunk_size=5)
+    g = torch.Generator().manual_seed(2)
+    x, x0 = torch.randn(2, 23, 20, generator=g), torch.randn(2, 23, 20, generator=g)
+    with torch.no_grad():
+        expected = layer(x, x0)
+        assert (expected - layer.linear_out(layer.gated(x))).abs().amax() > 1e-3  # TTT acts
+    out, _ = run_steps(layer, x, x0, kernels=True, masks=[torch.tensor([True, True])] * 23)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_serve_cuda_only_when_asked(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("MOSHI_TTT_KERNELS", raising=False)
+    assert not step_kernels.kernels_enabled(cuda, torch.bfloat16)
+    monkeypatch.setenv("MOSHI_TTT_KERNELS", "1")
+    assert step_kernels.kernels_enabled(cuda, torch.bfloat16)
+    assert not step_kernels.kernels_enabled(torch.device("cpu"), torch.float32)
+    assert not step_kernels.kernels_enabled(cuda, torch.float64)
