@@ -35,15 +35,17 @@ def run_steps(layer, x, x0, kernels, masks):
     return torch.cat(outs, dim=1), final
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kernel_size", [1, 2, 3])
-def test_kernel_step_equals_pytorch_step(dtype, kernel_size):
-    """Five chunks (d=20 > C=4: several rows folded per step), one sample paused at times."""
+@pytest.mark.parametrize("dtype, kernel_size, batch", [
+    (torch.float32, 1, 3), (torch.float32, 2, 3), (torch.float32, 3, 7),
+    (torch.bfloat16, 1, 3), (torch.bfloat16, 2, 3), (torch.bfloat16, 3, 7)])
+def test_kernel_step_equals_pytorch_step(dtype, kernel_size, batch):
+    """Five chunks (d=20 > C=4: several rows folded per step), one sample paused at times;
+    batch 7 with K=3 gives 21 target rows, more than one tile of the target kernel."""
     layer = make_layer(dtype, kernel_size)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 22, 20, generator=g).to(dtype)
-    x0 = torch.randn(3, 22, 20, generator=g).to(dtype)
-    masks = [torch.tensor([True, t % 3 != 1, True]) for t in range(22)]
+    x = torch.randn(batch, 22, 20, generator=g).to(dtype)
+    x0 = torch.randn(batch, 22, 20, generator=g).to(dtype)
+    masks = [torch.tensor([True, t % 3 != 1] + [True] * (batch - 2)) for t in range(22)]
     out_ref, state_ref = run_steps(layer, x, x0, kernels=False, masks=masks)
     out, state = run_steps(layer, x, x0, kernels=True, masks=masks)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
@@ -51,7 +53,7 @@ def test_kernel_step_equals_pytorch_step(dtype, kernel_size):
     torch.testing.assert_close(out[ran].float(), out_ref[ran].float(), **tol)
     for name in STATE:
         torch.testing.assert_close(state[name].float(), state_ref[name].float(), **tol, msg=name)
-    assert state_ref["pos"].tolist() != [22 % 4] * 3  # the paused sample is behind
+    assert state_ref["pos"].tolist() != [22 % 4] * batch  # the paused sample is behind
 
 
 def test_kernel_step_keeps_the_low_precision_copy(monkeypatch):

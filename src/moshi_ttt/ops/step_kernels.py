@@ -205,20 +205,20 @@ def token_step(state, z: torch.Tensor, x0: torch.Tensor, conv: torch.Tensor, pro
         x0_tail = x0  # K = 1: no tail, never read; any valid pointer
     scores = torch.empty(B, C, dtype=torch.float32, device=z.device)
     out = torch.empty(B, D, dtype=torch.float32, device=z.device)
-    block_c, block_h, block_d = 16, _pow2(H, 16, 256), 32
-    _prev_scores[(B, triton.cdiv(C, block_c))](
-        z_ring, z, state.slot, scores, C, H, z_ring.stride(0), z.stride(0), BLOCK_C=block_c, BLOCK_H=block_h)
+    block_h, block_d = _pow2(H, 16, 256), 32
+    _prev_scores[(B, triton.cdiv(C, 4))](  # 4 rows a program: enough programs at batch 1
+        z_ring, z, state.slot, scores, C, H, z_ring.stride(0), z.stride(0), BLOCK_C=4, BLOCK_H=block_h)
     _token_output[(B, triton.cdiv(D, block_d))](
         state.delta_read, z, scores, v_ring, state.slot, state.pos, state.prev_scale, out, eta, C, D, H, R,
         state.delta_read.stride(0), z.stride(0), v_ring.stride(0), out.stride(0),
-        BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_C=block_c)
+        BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_C=16)
     fold_h = _pow2(H, 16, 64)
     _fold_rows[(B, triton.cdiv(H, fold_h))](
         state.delta, state.delta_read, v_ring, z_ring, z, state.slot, state.pos, state.prev_scale, run,
         C, D, H, R, state.delta.stride(0), v_ring.stride(0), z_ring.stride(0), z.stride(0),
         SEPARATE_READ=state.delta_read is not state.delta, IEEE=ieee,
         R_PAD=_pow2(R, 16, 1 << 20), BLOCK_C=16, BLOCK_H=fold_h)
-    block_m, target_d, block_i = 16, _pow2(D, 16, 64), _pow2(D, 16, 64)
+    block_m, target_d, block_i = 16, _pow2(D, 16, 32), _pow2(D, 16, 64)
     _targets[(triton.cdiv(B * K, block_m), triton.cdiv(D, target_d))](
         x0_tail, x0, conv, proj, v_ring, state.slot, state.pos, run, B, C, D, K,
         x0_tail.stride(0), x0.stride(0), v_ring.stride(0), IEEE=ieee,
