@@ -9,6 +9,7 @@ codebase (and the paper's code) computed it. Ratios are to the plain MLP.
     python bench/layer.py                    # Moshi's size on the GPU: d=4096, h=11264, C=512, bf16
     python bench/layer.py --size small       # CPU-sized: d=256, h=704, C=64, float32
     python bench/layer.py --device meta      # Moshi's size, peak memory only, estimated on any machine
+    python bench/layer.py --device meta --dtype float32   # ... and the matmul FLOPs of each candidate
 
 Each candidate is measured with only its own weights allocated (plus the shared
 inputs x, x0 and the output gradient), so memory ratios are the layers' own.
@@ -69,15 +70,30 @@ def measure(forward, module, x, x0, grad_out, device):
     try:
         ms = None if device.type == "meta" else time_ms(step, device)
         gib = peak_memory_gib(step, device, tracked=(module, x, x0, grad_out))
+        flops = matmul_flops(step) if device.type == "meta" and x.dtype == torch.float32 else None
     except torch.OutOfMemoryError:
-        return None, None
+        return None, None, None
     finally:
         for p in module.parameters():
             p.grad = None
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return ms, gib
+    return ms, gib, flops
+
+
+def matmul_flops(fn) -> int:
+    """FLOPs of the matrix products `fn` runs (float32 on meta: low-precision products
+    with float32 outputs are not dispatched there)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def baddbmm_(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        batch, n, k = a_shape
+        return 2 * batch * n * k * b_shape[-1]
+    # torch's table counts baddbmm, not its in-place form, which the TTT ops use.
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.baddbmm_: baddbmm_}) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def main() -> None:
@@ -85,13 +101,14 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="moshi")
     parser.add_argument("--lengths", type=int, nargs="*")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: the size's (bf16 for moshi)")
     parser.add_argument("--clip-tau", type=float, default=None, help="clip each chunk's update (off by default)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="results JSON (default bench/results/layer.json, layer-meta.json on meta)")
+                        help="results JSON (default bench/results/layer[-meta][-DTYPE].json)")
     args = parser.parse_args()
     size = SIZES[args.size]
     device = torch.device(args.device)
-    dtype = getattr(torch, size["dtype"])
+    dtype = getattr(torch, args.dtype or size["dtype"])
     torch.manual_seed(0)
     gating = ActivationGating(size["dim"], size["dim_feedforward"], F.silu, device=device, dtype=dtype)
     hidden = gating.linear_out.weight.shape[1]
@@ -113,22 +130,26 @@ def main() -> None:
                                      layer, x, x0, grad_out, device)
         measured["materialized"] = measure(lambda m=layer: materialized_ttt(m, x, x0), layer, x, x0, grad_out, device)
         del layer
-        plain_ms, plain_gib = measured["plain"]
-        for name, (ms, gib) in measured.items():
+        plain_ms, plain_gib, plain_flops = measured["plain"]
+        for name, (ms, gib, flops) in measured.items():
             entry = {"T": T, "impl": name, "ms": ms, "peak_gib": gib,
                      "time_ratio": ms / plain_ms if ms and plain_ms else None,
-                     "memory_ratio": gib / plain_gib if gib and plain_gib else None}
+                     "memory_ratio": gib / plain_gib if gib and plain_gib else None,
+                     "flop_ratio": flops / plain_flops if flops and plain_flops else None}
             results.append(entry)
             out_of_memory = gib is None and device.type == "cuda"
             rows.append([T, name, "OOM" if out_of_memory else (ms if ms is not None else "-"),
-                         gib if gib is not None else "-", entry["time_ratio"] or "-", entry["memory_ratio"] or "-"])
+                         gib if gib is not None else "-", entry["time_ratio"] or "-", entry["memory_ratio"] or "-",
+                         entry["flop_ratio"] or "-"])
     env = environment(device)
-    config = {"dim": size["dim"], "hidden": hidden, "chunk": size["chunk"], "dtype": size["dtype"], "batch": 1,
+    config = {"dim": size["dim"], "hidden": hidden, "chunk": size["chunk"], "dtype": str(dtype).split(".")[-1], "batch": 1,
               "clip_tau": args.clip_tau}
-    out = args.out or Path("bench/results") / ("layer-meta.json" if device.type == "meta" else "layer.json")
+    name = "layer-meta" if device.type == "meta" else "layer"
+    out = args.out or Path("bench/results") / (f"{name}-{args.dtype}.json" if args.dtype else f"{name}.json")
     write_results(out, {**env, **config, "results": results})
     print(f"{env['device']}, torch {env['torch']}, {env['date']}; {config}")
-    print(markdown_table(["T", "impl", "fwd+bwd ms", "peak GiB", "time / plain", "memory / plain"], rows))
+    print(markdown_table(["T", "impl", "fwd+bwd ms", "peak GiB", "time / plain", "memory / plain", "FLOPs / plain"],
+                         rows))
 
 
 if __name__ == "__main__":

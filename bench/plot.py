@@ -17,12 +17,13 @@ def plot_layer(data: dict, out: Path) -> None:
     lengths = sorted({r["T"] for r in data["results"]})
     impls = [i for i in dict.fromkeys(r["impl"] for r in data["results"]) if i != "plain"]
     panels = [(key, label) for key, label in (("time_ratio", "fwd+bwd time / plain MLP"),
-                                             ("memory_ratio", "peak memory / plain MLP"))
-              if any(r[key] is not None for r in data["results"])]  # a memory estimate has no times
+                                             ("memory_ratio", "peak memory / plain MLP"),
+                                             ("flop_ratio", "matmul FLOPs / plain MLP"))
+              if any(r.get(key) is not None for r in data["results"])]  # estimates on meta have no times
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         for impl in impls:
-            points = [(r["T"], r[key]) for r in data["results"] if r["impl"] == impl and r[key] is not None]
+            points = [(r["T"], r[key]) for r in data["results"] if r["impl"] == impl and r.get(key) is not None]
             if points:
                 ax.plot(*zip(*points), marker="o", label=impl)
         ax.axhline(1.0, color="black", linewidth=0.8)

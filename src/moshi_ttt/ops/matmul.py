@@ -32,8 +32,8 @@ def baddbmm_acc_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, op: torch.
                  alpha: float = 1.0) -> torch.Tensor:
     """out += alpha * a @ b in place, returns out; `out` is float32 (or float64), operands in `op`."""
     a, b = a.to(op), b.to(op)
-    if out.is_meta:
-        return out  # no data to compute; torch 2.9's meta baddbmm rejects out_dtype
     if op in _LOW_PRECISION:
+        if out.is_meta:
+            return out  # no data to compute; torch 2.9's meta baddbmm rejects out_dtype
         return torch.baddbmm(out, a, b, alpha=alpha, out_dtype=torch.float32, out=out)
     return out.baddbmm_(a, b, alpha=alpha)
