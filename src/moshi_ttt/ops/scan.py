@@ -14,11 +14,11 @@ Blocks of a few chunks keep the linear cost and cut the state traffic.
 Memory is what this module is built around. The term is added to the slow
 output chunk by chunk, each chunk's sum in float32 and rounded once; the clip
 scales score columns and chunk rows, so no clipped copy of V exists. Only Z and
-V are saved. The backward writes every gradient row once, from float32 sums of
-one chunk, so no float32 buffer the size of Z or V exists; and it holds one
-d x h state at a time: a first pass in block order replays S_b for the term
+V are saved. The backward writes every gradient row from float32 sums of one
+chunk, so no float32 buffer the size of Z or V exists; and it holds one d x h
+state at a time: a first pass in block order replays S_b and writes the term
 `dY_b S_b` of dZ, a second pass in reverse order accumulates the state's
-gradient G (what later blocks read) for the rest.
+gradient G (what later blocks read) and adds the rest.
 """
 
 import torch
@@ -41,7 +41,7 @@ class _Clip:
 
     def __init__(self, z: torch.Tensor, v: torch.Tensor, eta: float, tau: float, chunk_size: int,
                  op: torch.dtype):
-        self.chunk_size, self.eta, self.tau, self.op = chunk_size, eta, tau, op
+        self.chunk_size, self.op = chunk_size, op
         sq = [torch.mul(*self._grams(z, v, q, e)).sum((1, 2)) for q, e in _chunks(0, z.shape[1], chunk_size)]
         self.sq_norms = torch.stack(sq, dim=1)  # [B, n_chunks]
         self.clipped = self.sq_norms * (eta * eta) > tau * tau

@@ -52,18 +52,23 @@ def kernels_enabled(device: torch.device, dtype: torch.dtype) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _rows_times_vector(matrix, rows, row_ok, vector, H, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+        """[BLOCK_R] float32: matrix[rows] @ vector over H columns (rows: offsets of row starts)."""
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            h = h0 + tl.arange(0, BLOCK_H)
+            x = tl.load(vector + h, mask=h < H, other=0.0).to(tl.float32)
+            w = tl.load(matrix + rows[:, None] + h[None, :], mask=row_ok[:, None] & (h[None, :] < H), other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        return acc
+
+    @triton.jit
     def _prev_scores(z_ring, z, slot, scores, C, H, s_ring, s_z,
                      BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         rows = (1 - tl.load(slot + b)) * C + c
-        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            h = h0 + tl.arange(0, BLOCK_H)
-            zq = tl.load(z + b * s_z + h, mask=h < H, other=0.0).to(tl.float32)
-            zk = tl.load(z_ring + b * s_ring + rows[:, None] * H + h[None, :],
-                         mask=(c[:, None] < C) & (h[None, :] < H), other=0.0)
-            acc += tl.sum(zk.to(tl.float32) * zq[None, :], axis=1)
+        acc = _rows_times_vector(z_ring + b * s_ring, rows * H, c < C, z + b * s_z, H, BLOCK_C, BLOCK_H)
         tl.store(scores + b * C + c, acc, mask=c < C)
 
     @triton.jit
@@ -72,13 +77,7 @@ if triton is not None:
                       BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            h = h0 + tl.arange(0, BLOCK_H)
-            zq = tl.load(z + b * s_z + h, mask=h < H, other=0.0).to(tl.float32)
-            w = tl.load(delta_read + b * s_delta + d[:, None] * H + h[None, :],
-                        mask=(d[:, None] < D) & (h[None, :] < H), other=0.0)
-            acc += tl.sum(w.to(tl.float32) * zq[None, :], axis=1)
+        acc = _rows_times_vector(delta_read + b * s_delta, d * H, d < D, z + b * s_z, H, BLOCK_D, BLOCK_H)
         prev_start = (1 - tl.load(slot + b)) * C
         pending = tl.zeros([BLOCK_D], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
