@@ -80,3 +80,24 @@ def test_gradcheck_fast_weight_ops(block_chunks, clip_tau):
     torch.testing.assert_close(fused, add_fast_weight_term_(z @ w.T, z, v, *args))
     if clip_tau is not None:  # the clip binds: the term differs from the unclipped one
         assert not torch.allclose(fused, ttt_down_projection(z, v, w, 0.7, C, block_chunks * C))
+
+
+@pytest.mark.parametrize("algorithm", ["dual", "scan"])
+def test_autocast_with_float32_weights(make_layer, algorithm):
+    """Under bf16 autocast the ops see bf16 activations and float32 weights; the gradients
+    come back in float32, within bf16 distance of the float32 run's."""
+    layer = make_layer(dim=16, hidden=24, chunk_size=C, clip_tau=0.5, algorithm=algorithm, dtype=torch.float32)
+    x, x0 = random_inputs(2, 5 * C + 1, 16, dtype=torch.float32)
+    x0.requires_grad_(True)
+    grads = []
+    for enabled in (False, True):
+        layer.zero_grad()
+        x0.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            out = layer(x, x0)
+        assert out.dtype == (torch.bfloat16 if enabled else torch.float32)
+        out.float().square().sum().backward()
+        grads.append([p.grad for p in layer.parameters()] + [x0.grad])
+    for full, mixed in zip(*grads):
+        assert mixed.dtype == torch.float32
+        assert (mixed - full).abs().max() <= 0.05 * full.abs().max()

@@ -6,6 +6,8 @@ fp16 operands go to the tensor cores with float32 accumulation and output
 device, which holds no data, stands in for CUDA in memory estimates.
 """
 
+import contextlib
+
 import torch
 
 from .chunking import compute_dtype
@@ -37,3 +39,17 @@ def baddbmm_acc_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, op: torch.
             return out  # no data to compute; torch 2.9's meta baddbmm rejects out_dtype
         return torch.baddbmm(out, a, b, alpha=alpha, out_dtype=torch.float32, out=out)
     return out.baddbmm_(a, b, alpha=alpha)
+
+
+def linear_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a linear layer computes in: autocast's where it is on, else `dtype`."""
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
+
+
+def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off: the ops choose their dtypes themselves (it would round their float32 sums)."""
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()

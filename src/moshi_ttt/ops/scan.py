@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .dual import dual_backward_chunk, dual_forward_chunk
-from .matmul import baddbmm_acc_, bmm_acc, operand_dtype
+from .matmul import baddbmm_acc_, bmm_acc, linear_dtype, operand_dtype, without_autocast
 
 
 def _blocks(length: int, block_size: int) -> list[tuple[int, int]]:
@@ -168,7 +168,8 @@ class _AddFastWeightTerm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out, z, v, eta, chunk_size, block_size, clip_tau):
-        _add_fast_term_(out, z, v, *_setup(ctx, z, v, eta, chunk_size, block_size, clip_tau))
+        with without_autocast(z.device):
+            _add_fast_term_(out, z, v, *_setup(ctx, z, v, eta, chunk_size, block_size, clip_tau))
         ctx.mark_dirty(out)
         ctx.save_for_backward(z, v)
         return out
@@ -186,8 +187,10 @@ class _TTTDownProjection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, v, weight, eta, chunk_size, block_size, clip_tau):
-        out = F.linear(z, weight)
-        _add_fast_term_(out, z, v, *_setup(ctx, z, v, eta, chunk_size, block_size, clip_tau))
+        dtype = linear_dtype(z.device, weight.dtype)
+        with without_autocast(z.device):
+            out = F.linear(z.to(dtype), weight.to(dtype))
+            _add_fast_term_(out, z, v, *_setup(ctx, z, v, eta, chunk_size, block_size, clip_tau))
         ctx.save_for_backward(z, v, weight)
         return out
 

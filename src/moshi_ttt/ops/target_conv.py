@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .chunking import compute_dtype
+from .matmul import linear_dtype, without_autocast
 
 SPAN = 2048  # positions per span (rounded to whole chunks)
 
@@ -83,8 +84,9 @@ class _FutureConvTargets(torch.autograd.Function):
     def forward(ctx, x0, conv_weight, proj_weight, chunk_size):
         ctx.save_for_backward(x0, conv_weight, proj_weight)
         ctx.chunk_size = chunk_size
-        conv_out = chunked_future_conv(x0, conv_weight, chunk_size).to(proj_weight.dtype)
-        return F.linear(conv_out, proj_weight)
+        dtype = linear_dtype(x0.device, proj_weight.dtype)
+        with without_autocast(x0.device):
+            return F.linear(chunked_future_conv(x0, conv_weight, chunk_size).to(dtype), proj_weight.to(dtype))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -93,12 +95,13 @@ class _FutureConvTargets(torch.autograd.Function):
         C = ctx.chunk_size
         need_x0, need_conv, need_proj = ctx.needs_input_grad[:3]
         grad_x0 = grad_conv = grad_proj = None
+        # In the output's dtype: under autocast it differs from float32 weights'.
         if need_proj:
-            conv_out = chunked_future_conv(x0, conv_weight, C).to(proj_weight.dtype)
+            conv_out = chunked_future_conv(x0, conv_weight, C).to(grad.dtype)
             grad_proj = grad.flatten(0, -2).transpose(0, 1) @ conv_out.flatten(0, -2)
             del conv_out
         if need_x0 or need_conv:
-            grad_x0, grad_conv = _conv_backward(grad @ proj_weight, x0, conv_weight, C, need_x0)
+            grad_x0, grad_conv = _conv_backward(grad @ proj_weight.to(grad.dtype), x0, conv_weight, C, need_x0)
         return grad_x0, grad_conv, grad_proj, None
 
 
