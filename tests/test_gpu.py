@@ -90,9 +90,9 @@ def test_lmgen_cuda_graphs_match_eager(dtype):
     torch.testing.assert_close(graphed, eager, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_step_under_cuda_graph_equals_pytorch_step(dtype, monkeypatch):
-    layer = cuda_layer(dtype, chunk_size=8)
+@pytest.mark.parametrize("dtype, clip_tau", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, 0.5)])
+def test_kernel_step_under_cuda_graph_equals_pytorch_step(dtype, clip_tau, monkeypatch):
+    layer = cuda_layer(dtype, chunk_size=8, clip_tau=clip_tau)
     x, x0 = (t.to("cuda", dtype) for t in random_inputs(2, 6 * 8 + 3, 64))
     eager = stream(layer, x, x0, [1]).float()  # the PyTorch step
     monkeypatch.setenv("MOSHI_TTT_KERNELS", "1")

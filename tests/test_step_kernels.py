@@ -13,13 +13,13 @@ from moshi_ttt.ops import step_kernels
 pytestmark = [pytest.mark.skipif(step_kernels.triton is None, reason="Triton is not installed"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # from Triton's interpreter
 
-STATE = ("delta", "delta_read", "z_ring", "v_ring", "x0_tail", "pos", "slot", "prev_scale")
+STATE = ("delta", "delta_read", "z_ring", "v_ring", "x0_tail", "pos", "slot", "prev_scale", "cur_sq_norm")
 
 
-def make_layer(dtype, kernel_size, dim=20, hidden=24, chunk_size=4, seed=0):
+def make_layer(dtype, kernel_size, dim=20, hidden=24, chunk_size=4, clip_tau=None, seed=0):
     torch.manual_seed(seed)
     return InPlaceTTTGating(dim, hidden, F.silu, chunk_size=chunk_size, eta=0.3, kernel_size=kernel_size,
-                            init="normal", init_std=0.2, dtype=dtype).eval()
+                            clip_tau=clip_tau, init="normal", init_std=0.2, dtype=dtype).eval()
 
 
 def run_steps(layer, x, x0, kernels, masks):
@@ -35,13 +35,15 @@ def run_steps(layer, x, x0, kernels, masks):
     return torch.cat(outs, dim=1), final
 
 
-@pytest.mark.parametrize("dtype, kernel_size, batch", [
-    (torch.float32, 1, 3), (torch.float32, 2, 3), (torch.float32, 3, 7),
-    (torch.bfloat16, 1, 3), (torch.bfloat16, 2, 3), (torch.bfloat16, 3, 7)])
-def test_kernel_step_equals_pytorch_step(dtype, kernel_size, batch):
+@pytest.mark.parametrize("dtype, kernel_size, batch, clip_tau", [
+    (torch.float32, 1, 3, None), (torch.float32, 2, 3, None), (torch.float32, 3, 7, None),
+    (torch.bfloat16, 1, 3, None), (torch.bfloat16, 2, 3, None), (torch.bfloat16, 3, 7, None),
+    (torch.float32, 1, 3, 0.05), (torch.float32, 2, 3, 0.05), (torch.float32, 3, 3, 0.05),
+    (torch.bfloat16, 2, 3, 0.05)])
+def test_kernel_step_equals_pytorch_step(dtype, kernel_size, batch, clip_tau):
     """Five chunks (d=20 > C=4: several rows folded per step), one sample paused at times;
     batch 7 with K=3 gives 21 target rows, more than one tile of the target kernel."""
-    layer = make_layer(dtype, kernel_size)
+    layer = make_layer(dtype, kernel_size, clip_tau=clip_tau)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 22, 20, generator=g).to(dtype)
     x0 = torch.randn(batch, 22, 20, generator=g).to(dtype)
@@ -54,6 +56,8 @@ def test_kernel_step_equals_pytorch_step(dtype, kernel_size, batch):
     for name in STATE:
         torch.testing.assert_close(state[name].float(), state_ref[name].float(), **tol, msg=name)
     assert state_ref["pos"].tolist() != [22 % 4] * batch  # the paused sample is behind
+    if clip_tau is not None:
+        assert (state_ref["prev_scale"] < 0.9).all()  # the clip binds
 
 
 def test_kernel_step_keeps_the_low_precision_copy(monkeypatch):
@@ -74,13 +78,18 @@ def test_kernel_step_keeps_the_low_precision_copy(monkeypatch):
     torch.testing.assert_close(out, out_ref, rtol=2e-2, atol=2e-2)
 
 
-def test_kernel_step_equals_parallel_form():
-    layer = make_layer(torch.float32, kernel_size=2, chunk_size=5)
+@pytest.mark.parametrize("clip_tau", [None, 0.05])
+def test_kernel_step_equals_parallel_form(clip_tau):
+    layer = make_layer(torch.float32, kernel_size=2, chunk_size=5, clip_tau=clip_tau)
     g = torch.Generator().manual_seed(2)
     x, x0 = torch.randn(2, 23, 20, generator=g), torch.randn(2, 23, 20, generator=g)
     with torch.no_grad():
         expected = layer(x, x0)
         assert (expected - layer.linear_out(layer.gated(x))).abs().amax() > 1e-3  # TTT acts
+        if clip_tau is not None:  # and the clip binds
+            layer.clip_tau = None
+            assert (expected - layer(x, x0)).abs().amax() > 1e-3
+            layer.clip_tau = clip_tau
     out, _ = run_steps(layer, x, x0, kernels=True, masks=[torch.tensor([True, True])] * 23)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 

@@ -43,7 +43,7 @@ class FastWeightState(State):
     slot: torch.Tensor          # [B] ring half holding the current chunk (0 or 1)
     prev_scale: torch.Tensor    # [B] clip factor of the previous chunk, 0 when there is none
     cur_sq_norm: torch.Tensor   # [B] ||V^T Z||_F^2 over the final rows of the current chunk
-    use_kernels: bool = False   # unclipped token steps through the Triton kernels (`ops.step_kernels`)
+    use_kernels: bool = False   # token steps through the Triton kernels (`ops.step_kernels`)
 
     @classmethod
     def zeros(cls, batch_size: int, dim: int, hidden: int, chunk_size: int, kernel_size: int,
@@ -129,11 +129,11 @@ class FastWeightState(State):
 
         `targets` is the layer's `LMAlignedTargets`. The result is the token's
         `eta * z (delta + updates not yet folded)^T`, in float32 (float64). (Kept in
-        eager mode: under torch.compile the step ran slower on an H100.) Without a clip,
-        on CUDA, the Triton kernels of `ops.step_kernels` do the same in five launches.
+        eager mode: under torch.compile the step ran slower on an H100.) On CUDA, the
+        Triton kernels of `ops.step_kernels` can do the same in five or six launches.
         """
-        if self.use_kernels and clip_tau is None:
-            return token_step(self, z, x0, targets.conv, targets.proj.weight, eta)
+        if self.use_kernels:
+            return token_step(self, z, x0, targets.conv, targets.proj.weight, eta, clip_tau)
         B, dim, hidden = self.delta.shape
         C, r = self.chunk_size, self.rows_per_step
         K = self.x0_tail.shape[1] + 1

@@ -1,9 +1,9 @@
-"""Triton kernels for the streaming token step, five launches instead of ~70 small ops.
+"""Triton kernels for the streaming token step, five or six launches instead of ~70 small ops.
 
 A streaming step of In-Place TTT touches little data per operation, so its cost
 on a GPU is the number of kernels (moshi replays them in a CUDA graph, which
 removes the launch cost but not the per-kernel latency). These kernels do the
-same work as the PyTorch step in `modules.fast_weights` in five launches:
+same work as the PyTorch step in `modules.fast_weights`:
 
 1. `_prev_scores`: scores of the token against the previous chunk's Z.
 2. `_token_output`: `eta * (delta z + pending)`, the token's fast-weight term;
@@ -13,11 +13,12 @@ same work as the PyTorch step in `modules.fast_weights` in five launches:
    (and its low-precision copy), and buffers z in the current chunk.
 4. `_targets`: the target rows that the new embedding completes or extends
    (conv, then W_target), written into the current chunk's V.
-5. `_advance`: position, ring slot, clip factor (1: these kernels serve the
-   unclipped layer) and the embedding tail.
+5. `_clip_terms` (with a clip only): the Gram terms that the rows made final
+   add to the current chunk's ||V^T Z||_F^2, from the rows written above.
+6. `_advance`: position, ring slot, clip factor and norm, the embedding tail.
 
 Kernels 1-4 read the state as it was before the step and write disjoint parts
-of it; kernel 5 moves it on. Every write is masked by `exec_mask`, nothing
+of it; the last ones move it on. Every write is masked by `exec_mask`, nothing
 branches on the host, so the step can be captured in a CUDA graph. On a machine
 without a GPU, the tests run these kernels through Triton's interpreter
 (`TRITON_INTERPRET=1`) against the PyTorch step.
@@ -165,7 +166,40 @@ if triton is not None:
                  mask=ok[:, None] & (d_out[None, :] < D))
 
     @triton.jit
-    def _advance(x0_tail, x0, pos, slot, prev_scale, run, C, D, K, s_tail, s_x0, BLOCK_D: tl.constexpr):
+    def _clip_terms(z_ring, v_ring, slot, pos, partial, C, D, H, K, s_ring, s_v,
+                    K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+        """partial[b, tile, j] = the terms of candidate row q = p - j against this tile's rows r
+        of the current chunk: 2 (v_q.v_r)(z_q.z_r) for r < q, (v_q.v_q)(z_q.z_q) for r = q."""
+        b = tl.program_id(0).to(tl.int64)
+        tile = tl.program_id(1)
+        r = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+        j = tl.arange(0, K_PAD)
+        q = tl.load(pos + b) - j
+        candidate = (j < K) & (q >= 0)
+        cur = tl.load(slot + b) * C
+        gv = tl.zeros([K_PAD, BLOCK_R], dtype=tl.float32)
+        for f0 in range(0, D, BLOCK_F):
+            f = f0 + tl.arange(0, BLOCK_F)
+            vq = tl.load(v_ring + b * s_v + (cur + q)[:, None] * D + f[None, :],
+                         mask=candidate[:, None] & (f[None, :] < D), other=0.0).to(tl.float32)
+            vr = tl.load(v_ring + b * s_v + (cur + r)[:, None] * D + f[None, :],
+                         mask=(r[:, None] < C) & (f[None, :] < D), other=0.0).to(tl.float32)
+            gv += tl.sum(vq[:, None, :] * vr[None, :, :], axis=2)
+        gz = tl.zeros([K_PAD, BLOCK_R], dtype=tl.float32)
+        for f0 in range(0, H, BLOCK_F):
+            f = f0 + tl.arange(0, BLOCK_F)
+            zq = tl.load(z_ring + b * s_ring + (cur + q)[:, None] * H + f[None, :],
+                         mask=candidate[:, None] & (f[None, :] < H), other=0.0).to(tl.float32)
+            zr = tl.load(z_ring + b * s_ring + (cur + r)[:, None] * H + f[None, :],
+                         mask=(r[:, None] < C) & (f[None, :] < H), other=0.0).to(tl.float32)
+            gz += tl.sum(zq[:, None, :] * zr[None, :, :], axis=2)
+        weight = tl.where(r[None, :] < q[:, None], 2.0, tl.where(r[None, :] == q[:, None], 1.0, 0.0))
+        terms = tl.sum(tl.where(candidate[:, None], weight * gv * gz, 0.0), axis=1)
+        tl.store(partial + (b * tl.num_programs(1) + tile) * K_PAD + j, terms)
+
+    @triton.jit
+    def _advance(x0_tail, x0, pos, slot, prev_scale, cur_sq_norm, partial, run, eta, tau, C, D, K, n_tiles,
+                 s_tail, s_x0, CLIP: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         if tl.load(run + b) != 0:
             for i in range(0, K - 1):  # tail row i <- window row i + 1
@@ -178,9 +212,20 @@ if triton is not None:
                     tl.store(x0_tail + b * s_tail + i * D + d, x.to(x0_tail.dtype.element_ty), mask=d < D)
             p = tl.load(pos + b)
             tl.store(pos + b, (p + 1) % C)
+            scale = 1.0
+            if CLIP:
+                j = tl.arange(0, K_PAD)
+                terms = tl.zeros([K_PAD], dtype=tl.float32)
+                for tile in range(0, n_tiles):
+                    terms += tl.load(partial + (b * n_tiles + tile) * K_PAD + j)
+                sq_norm = tl.load(cur_sq_norm + b)
+                # Row p-K+1 is final now; at the chunk's end, every row is.
+                tl.store(cur_sq_norm + b, tl.where(p == C - 1, 0.0, sq_norm + tl.sum(tl.where(j == K - 1, terms, 0.0))))
+                total = sq_norm + tl.sum(terms)
+                scale = tau / tl.sqrt(tl.maximum(total * eta * eta, tau * tau))
             if p == C - 1:
                 tl.store(slot + b, 1 - tl.load(slot + b))
-                tl.store(prev_scale + b, 1.0)
+                tl.store(prev_scale + b, scale)
 
 
 def _pow2(n: int, low: int, high: int) -> int:
@@ -188,8 +233,8 @@ def _pow2(n: int, low: int, high: int) -> int:
 
 
 def token_step(state, z: torch.Tensor, x0: torch.Tensor, conv: torch.Tensor, proj: torch.Tensor,
-               eta: float) -> torch.Tensor:
-    """The unclipped streaming step of `FastWeightState` with these kernels; returns [B, d] float32.
+               eta: float, clip_tau: float | None) -> torch.Tensor:
+    """The streaming step of `FastWeightState` with these kernels; returns [B, d] float32.
 
     z: [B, h], x0: [B, d]; conv: [d, K] and proj: [d, d], the target generator's weights.
     """
@@ -222,6 +267,14 @@ def token_step(state, z: torch.Tensor, x0: torch.Tensor, conv: torch.Tensor, pro
         x0_tail, x0, conv, proj, v_ring, state.slot, state.pos, run, B, C, D, K,
         x0_tail.stride(0), x0.stride(0), v_ring.stride(0), IEEE=ieee,
         BLOCK_M=block_m, BLOCK_D=target_d, BLOCK_I=block_i)
-    _advance[(B,)](x0_tail, x0, state.pos, state.slot, state.prev_scale, run, C, D, K,
-                   x0_tail.stride(0), x0.stride(0), BLOCK_D=_pow2(D, 16, 1024))
+    k_pad, block_r = _pow2(K, 2, 1 << 20), 16
+    n_tiles = triton.cdiv(C, block_r)
+    partial = scores  # any float32 buffer: not read without a clip
+    if clip_tau is not None:
+        partial = torch.empty(B, n_tiles, k_pad, dtype=torch.float32, device=z.device)
+        _clip_terms[(B, n_tiles)](z_ring, v_ring, state.slot, state.pos, partial, C, D, H, K,
+                                  z_ring.stride(0), v_ring.stride(0), K_PAD=k_pad, BLOCK_R=block_r, BLOCK_F=32)
+    _advance[(B,)](x0_tail, x0, state.pos, state.slot, state.prev_scale, state.cur_sq_norm, partial, run,
+                   eta, 1.0 if clip_tau is None else clip_tau, C, D, K, n_tiles, x0_tail.stride(0), x0.stride(0),
+                   CLIP=clip_tau is not None, K_PAD=k_pad, BLOCK_D=_pow2(D, 16, 1024))
     return out
