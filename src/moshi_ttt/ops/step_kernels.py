@@ -166,6 +166,18 @@ if triton is not None:
                  mask=ok[:, None] & (d_out[None, :] < D))
 
     @triton.jit
+    def _row_grams(matrix, rows_a, ok_a, rows_b, ok_b, F, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                   BLOCK_F: tl.constexpr):
+        """[BLOCK_A, BLOCK_B] float32: dot products of rows a and b of a matrix of F columns."""
+        acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
+        for f0 in range(0, F, BLOCK_F):
+            f = f0 + tl.arange(0, BLOCK_F)
+            a = tl.load(matrix + rows_a[:, None] + f[None, :], mask=ok_a[:, None] & (f[None, :] < F), other=0.0)
+            b = tl.load(matrix + rows_b[:, None] + f[None, :], mask=ok_b[:, None] & (f[None, :] < F), other=0.0)
+            acc += tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
+        return acc
+
+    @triton.jit
     def _clip_terms(z_ring, v_ring, slot, pos, partial, C, D, H, K, s_ring, s_v,
                     K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
         """partial[b, tile, j] = the terms of candidate row q = p - j against this tile's rows r
@@ -177,22 +189,9 @@ if triton is not None:
         q = tl.load(pos + b) - j
         candidate = (j < K) & (q >= 0)
         cur = tl.load(slot + b) * C
-        gv = tl.zeros([K_PAD, BLOCK_R], dtype=tl.float32)
-        for f0 in range(0, D, BLOCK_F):
-            f = f0 + tl.arange(0, BLOCK_F)
-            vq = tl.load(v_ring + b * s_v + (cur + q)[:, None] * D + f[None, :],
-                         mask=candidate[:, None] & (f[None, :] < D), other=0.0).to(tl.float32)
-            vr = tl.load(v_ring + b * s_v + (cur + r)[:, None] * D + f[None, :],
-                         mask=(r[:, None] < C) & (f[None, :] < D), other=0.0).to(tl.float32)
-            gv += tl.sum(vq[:, None, :] * vr[None, :, :], axis=2)
-        gz = tl.zeros([K_PAD, BLOCK_R], dtype=tl.float32)
-        for f0 in range(0, H, BLOCK_F):
-            f = f0 + tl.arange(0, BLOCK_F)
-            zq = tl.load(z_ring + b * s_ring + (cur + q)[:, None] * H + f[None, :],
-                         mask=candidate[:, None] & (f[None, :] < H), other=0.0).to(tl.float32)
-            zr = tl.load(z_ring + b * s_ring + (cur + r)[:, None] * H + f[None, :],
-                         mask=(r[:, None] < C) & (f[None, :] < H), other=0.0).to(tl.float32)
-            gz += tl.sum(zq[:, None, :] * zr[None, :, :], axis=2)
+        gv = _row_grams(v_ring + b * s_v, (cur + q) * D, candidate, (cur + r) * D, r < C, D, K_PAD, BLOCK_R, BLOCK_F)
+        gz = _row_grams(z_ring + b * s_ring, (cur + q) * H, candidate, (cur + r) * H, r < C, H, K_PAD, BLOCK_R,
+                        BLOCK_F)
         weight = tl.where(r[None, :] < q[:, None], 2.0, tl.where(r[None, :] == q[:, None], 1.0, 0.0))
         terms = tl.sum(tl.where(candidate[:, None], weight * gv * gz, 0.0), axis=1)
         tl.store(partial + (b * tl.num_programs(1) + tile) * K_PAD + j, terms)
