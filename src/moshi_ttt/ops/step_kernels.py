@@ -17,8 +17,10 @@ same work as the PyTorch step in `modules.fast_weights`:
    add to the current chunk's ||V^T Z||_F^2, from the rows written above.
 6. `_advance`: position, ring slot, clip factor and norm, the embedding tail.
 
-Kernels 1-4 read the state as it was before the step and write disjoint parts
-of it; the last ones move it on. Every write is masked by `exec_mask`, nothing
+They run in this order: kernels 1-4 read only state that no earlier kernel of
+the step has written (the output reads delta's rows before the fold adds to
+them), kernel 5 reads the rows that 3 and 4 wrote, kernel 6 moves the state on.
+Every write is masked by `exec_mask`, nothing
 branches on the host, so the step can be captured in a CUDA graph. On a machine
 without a GPU, the tests run these kernels through Triton's interpreter
 (`TRITON_INTERPRET=1`) against the PyTorch step.
