@@ -102,3 +102,20 @@ def test_kernels_serve_cuda_only_when_asked(monkeypatch):
     assert step_kernels.kernels_enabled(cuda, torch.bfloat16)
     assert not step_kernels.kernels_enabled(torch.device("cpu"), torch.float32)
     assert not step_kernels.kernels_enabled(cuda, torch.float64)
+
+
+@pytest.mark.parametrize("clip_tau", [None, 0.05])
+def test_kernel_steps_mixed_with_whole_chunks(clip_tau):
+    """Token steps (kernels) and multi-token steps (whole chunks in parallel form) share the state."""
+    layer = make_layer(torch.float32, kernel_size=2, chunk_size=4, clip_tau=clip_tau)
+    g = torch.Generator().manual_seed(4)
+    x, x0 = torch.randn(2, 31, 20, generator=g), torch.randn(2, 31, 20, generator=g)
+    with torch.no_grad():
+        expected = layer(x, x0)
+        outs, t = [], 0
+        with layer.streaming(2):
+            layer._streaming_state.use_kernels = True
+            for size in [3, 1, 8, 2, 5, 4, 8]:
+                outs.append(layer(x[:, t:t + size], x0[:, t:t + size]))
+                t += size
+    torch.testing.assert_close(torch.cat(outs, dim=1), expected, rtol=1e-5, atol=1e-5)
