@@ -33,3 +33,12 @@ def small_blocks(monkeypatch):
     from moshi_ttt.ops import inplace_ttt, target_conv
     monkeypatch.setattr(inplace_ttt, "SCAN_BLOCK", 8)
     monkeypatch.setattr(target_conv, "SPAN", 8)
+
+
+@pytest.fixture(params=["kept", "recomputed"])
+def scores_kept_or_recomputed(request, monkeypatch):
+    """Run a test with the dual form's scores kept from the forward, and recomputed."""
+    from moshi_ttt.ops import dual
+    if request.param == "recomputed":
+        monkeypatch.setattr(dual, "KEPT_SCORES", 0)
+    return request.param

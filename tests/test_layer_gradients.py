@@ -13,7 +13,7 @@ C = 3
 @pytest.mark.parametrize("clip_tau", [None, 0.05])
 @pytest.mark.parametrize("length", [2 * C + 1, 3 * C])
 @pytest.mark.parametrize("algorithm", ["dual", "scan"])
-def test_gradcheck_every_parameter(make_layer, clip_tau, length, algorithm):
+def test_gradcheck_every_parameter(make_layer, clip_tau, length, algorithm, scores_kept_or_recomputed):
     layer = make_layer(dim=4, hidden=6, chunk_size=C, kernel_size=2, clip_tau=clip_tau, algorithm=algorithm)
     x, x0 = random_inputs(2, length, 4)
     names = [n for n, _ in layer.named_parameters()]
@@ -66,7 +66,7 @@ def test_no_warning_for_eval_or_longer_sequences(make_layer, recwarn):
 
 @pytest.mark.parametrize("block_chunks", [1, 2, 10])
 @pytest.mark.parametrize("clip_tau", [None, 0.5])
-def test_gradcheck_fast_weight_ops(block_chunks, clip_tau):
+def test_gradcheck_fast_weight_ops(block_chunks, clip_tau, scores_kept_or_recomputed):
     from moshi_ttt.ops import add_fast_weight_term_, ttt_down_projection
     g = torch.Generator().manual_seed(0)
     out = torch.randn(2, 4 * C + 2, 4, dtype=torch.float64, generator=g, requires_grad=True)

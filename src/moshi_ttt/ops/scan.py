@@ -13,10 +13,10 @@ Blocks of a few chunks keep the linear cost and cut the state traffic.
 
 Memory is what this module is built around. The term is added to the slow
 output chunk by chunk, each chunk's sum in float32 and rounded once; the clip
-scales score columns and chunk rows, so no clipped copy of V exists. Only Z and
-V are saved. The backward writes every gradient row from float32 sums of one
-chunk, so no float32 buffer the size of Z or V exists; and it holds one d x h
-state at a time: a first pass in block order replays S_b and writes the term
+scales score columns and chunk rows, so no clipped copy of V exists. Z and V
+are saved, and the scores of blocks up to `dual.KEPT_SCORES` positions. The
+backward writes every gradient row from float32 sums of one chunk, so no
+float32 buffer the size of Z or V exists; and it holds one d x h state at a time: a first pass in block order replays S_b and writes the term
 `dY_b S_b` of dZ, a second pass in reverse order accumulates the state's
 gradient G (what later blocks read) and adds the rest.
 """
@@ -24,7 +24,7 @@ gradient G (what later blocks read) and adds the rest.
 import torch
 import torch.nn.functional as F
 
-from .dual import dual_backward_chunk, dual_forward_chunk
+from .dual import block_score_grads, block_scores, dual_backward_chunk, dual_forward_chunk
 from .matmul import baddbmm_acc_, bmm_acc, linear_dtype, operand_dtype, without_autocast
 
 
@@ -77,26 +77,32 @@ def _scaled(v: torch.Tensor, clip: _Clip | None, start: int, end: int) -> torch.
     return (v[:, start:end] * clip.positions(start, end)[..., None]).to(v.dtype)
 
 
-def _add_fast_term_(out, z, v, clip, eta, chunk_size, block_size, op) -> None:
-    """out += eta * (the fast-weight term), chunk by chunk, without autograd."""
-    T = z.shape[1]
+def _add_fast_term_(out, z, v, clip, eta, chunk_size, block_size, op) -> list[torch.Tensor]:
+    """out += eta * (the fast-weight term), chunk by chunk, without autograd; returns the
+    blocks' scores for the backward."""
+    B, T, _ = z.shape
     state = None  # float32 [B, d, h]: the updates of the blocks before this one
+    saved = []
     for start, end in _blocks(T, block_size):
         state_t = None  # the last block's copy goes before this one's is made
         if state is not None:
             state_t = state.to(op).transpose(1, 2)
+        scores = block_scores(B, end - start, chunk_size, z, op)
+        saved.append(scores)
         for q, q_end in _chunks(start, end, chunk_size):
             if state_t is None and q == start:
                 continue  # the first chunk reads nothing
             acc = None if state_t is None else bmm_acc(z[:, q:q_end], state_t, op)
             key_scales = None if clip is None else clip.positions(start, q)
-            acc = dual_forward_chunk(acc, z[:, q:q_end], z[:, start:q], v[:, start:q], op, key_scales)
+            acc = dual_forward_chunk(acc, z[:, q:q_end], z[:, start:q], v[:, start:q], op, key_scales,
+                                     None if scores is None else scores[:, q - start:q_end - start, :q - start])
             out[:, q:q_end].add_(acc, alpha=eta)
         if end < T:
             state = _add_update(state, z[:, start:end], _scaled(v, clip, start, end), op)
+    return saved
 
 
-def _fast_term_backward(dout, z, v, clip, eta, chunk_size, block_size, op, weight=None):
+def _fast_term_backward(dout, z, v, saved_scores, clip, eta, chunk_size, block_size, op, weight=None):
     """dZ and dV of `out += eta * fast term` (plus `dout W` in dZ when the slow weight W is given)."""
     T = z.shape[1]
     blocks = _blocks(T, block_size)
@@ -119,15 +125,16 @@ def _fast_term_backward(dout, z, v, clip, eta, chunk_size, block_size, op, weigh
     # float32) = eta * sum over later blocks of dY^T Z, the gradient of this block's update.
     grad_state = None
     weight_op = None if weight is None else weight.to(op).expand(z.shape[0], -1, -1)
-    for start, end in reversed(blocks):
+    for (start, end), scores in zip(reversed(blocks), reversed(saved_scores)):
         dy = dout[:, start:end].to(op) * eta
         grad_op = None  # the last block's copy goes before this one's is made
         if grad_state is not None:
             grad_op = grad_state.to(op)
         zb, vb = z[:, start:end], v[:, start:end]
         scales = None if clip is None else clip.positions(start, end)
+        score_grads = None if scores is None else block_score_grads(vb, dy, chunk_size, op, scales)
         for q, q_end in _chunks(start, end, chunk_size):
-            dz_q, dv_q = dual_backward_chunk(zb, vb, dy, q - start, q_end - start, op, scales)
+            dz_q, dv_q = dual_backward_chunk(zb, vb, dy, q - start, q_end - start, op, scales, scores, score_grads)
             if grad_op is not None:
                 baddbmm_acc_(dz_q, _scaled(v, clip, q, q_end), grad_op, op)
                 baddbmm_acc_(dv_q, z[:, q:q_end], grad_op.transpose(1, 2), op)
@@ -169,16 +176,16 @@ class _AddFastWeightTerm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, z, v, eta, chunk_size, block_size, clip_tau):
         with without_autocast(z.device):
-            _add_fast_term_(out, z, v, *_setup(ctx, z, v, eta, chunk_size, block_size, clip_tau))
+            scores = _add_fast_term_(out, z, v, *_setup(ctx, z, v, eta, chunk_size, block_size, clip_tau))
         ctx.mark_dirty(out)
-        ctx.save_for_backward(z, v)
+        ctx.save_for_backward(z, v, *scores)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        z, v = ctx.saved_tensors
-        dz, dv = _fast_term_backward(dout, z, v, *ctx.args)
+        z, v, *scores = ctx.saved_tensors
+        dz, dv = _fast_term_backward(dout, z, v, scores, *ctx.args)
         return dout, dz, dv, None, None, None, None
 
 
@@ -190,15 +197,15 @@ class _TTTDownProjection(torch.autograd.Function):
         dtype = linear_dtype(z.device, weight.dtype)
         with without_autocast(z.device):
             out = F.linear(z.to(dtype), weight.to(dtype))
-            _add_fast_term_(out, z, v, *_setup(ctx, z, v, eta, chunk_size, block_size, clip_tau))
-        ctx.save_for_backward(z, v, weight)
+            scores = _add_fast_term_(out, z, v, *_setup(ctx, z, v, eta, chunk_size, block_size, clip_tau))
+        ctx.save_for_backward(z, v, weight, *scores)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        z, v, weight = ctx.saved_tensors
-        dz, dv = _fast_term_backward(dout, z, v, *ctx.args, weight=weight)
+        z, v, weight, *scores = ctx.saved_tensors
+        dz, dv = _fast_term_backward(dout, z, v, scores, *ctx.args, weight=weight)
         grad_weight = None
         if ctx.needs_input_grad[2]:
             grad_weight = dout.flatten(0, -2).transpose(0, 1) @ z.flatten(0, -2)
