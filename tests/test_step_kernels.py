@@ -1,6 +1,7 @@
 """The Triton streaming step against the PyTorch step and the parallel form.
 
-Without a GPU the kernels run through Triton's interpreter (set in conftest).
+On a GPU the kernels run compiled; without one, on CPU tensors through Triton's
+interpreter (set in conftest).
 """
 
 import pytest
@@ -13,26 +14,28 @@ from moshi_ttt.ops import step_kernels
 pytestmark = [pytest.mark.skipif(step_kernels.triton is None, reason="Triton is not installed"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # from Triton's interpreter
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 STATE = ("delta", "delta_read", "z_ring", "v_ring", "x0_tail", "pos", "slot", "prev_scale", "cur_sq_norm")
 
 
 def make_layer(dtype, kernel_size, dim=20, hidden=24, chunk_size=4, clip_tau=None, seed=0):
     torch.manual_seed(seed)
     return InPlaceTTTGating(dim, hidden, F.silu, chunk_size=chunk_size, eta=0.3, kernel_size=kernel_size,
-                            clip_tau=clip_tau, init="normal", init_std=0.2, dtype=dtype).eval()
+                            clip_tau=clip_tau, init="normal", init_std=0.2, dtype=dtype).eval().to(DEVICE)
 
 
 def run_steps(layer, x, x0, kernels, masks):
     """Token steps with the given exec masks; outputs and the final state."""
     outs = []
+    x, x0 = x.to(DEVICE), x0.to(DEVICE)
     with torch.no_grad(), layer.streaming(x.shape[0]):
         state = layer._streaming_state
         state.use_kernels = kernels
         for t in range(x.shape[1]):
-            state.set_exec_mask(masks[t])
+            state.set_exec_mask(masks[t].to(DEVICE))
             outs.append(layer(x[:, t:t + 1], x0[:, t:t + 1]))
-        final = {name: getattr(state, name).clone() for name in STATE}
-    return torch.cat(outs, dim=1), final
+        final = {name: getattr(state, name).cpu() for name in STATE}
+    return torch.cat(outs, dim=1).cpu(), final
 
 
 @pytest.mark.parametrize("dtype, kernel_size, batch, clip_tau", [
@@ -84,11 +87,11 @@ def test_kernel_step_equals_parallel_form(clip_tau):
     g = torch.Generator().manual_seed(2)
     x, x0 = torch.randn(2, 23, 20, generator=g), torch.randn(2, 23, 20, generator=g)
     with torch.no_grad():
-        expected = layer(x, x0)
-        assert (expected - layer.linear_out(layer.gated(x))).abs().amax() > 1e-3  # TTT acts
+        expected = layer(x.to(DEVICE), x0.to(DEVICE)).cpu()
+        assert (expected - layer.linear_out(layer.gated(x.to(DEVICE))).cpu()).abs().amax() > 1e-3  # TTT acts
         if clip_tau is not None:  # and the clip binds
             layer.clip_tau = None
-            assert (expected - layer(x, x0)).abs().amax() > 1e-3
+            assert (expected - layer(x.to(DEVICE), x0.to(DEVICE)).cpu()).abs().amax() > 1e-3
             layer.clip_tau = clip_tau
     out, _ = run_steps(layer, x, x0, kernels=True, masks=[torch.tensor([True, True])] * 23)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
@@ -109,7 +112,7 @@ def test_kernel_steps_mixed_with_whole_chunks(clip_tau):
     """Token steps (kernels) and multi-token steps (whole chunks in parallel form) share the state."""
     layer = make_layer(torch.float32, kernel_size=2, chunk_size=4, clip_tau=clip_tau)
     g = torch.Generator().manual_seed(4)
-    x, x0 = torch.randn(2, 31, 20, generator=g), torch.randn(2, 31, 20, generator=g)
+    x, x0 = torch.randn(2, 31, 20, generator=g).to(DEVICE), torch.randn(2, 31, 20, generator=g).to(DEVICE)
     with torch.no_grad():
         expected = layer(x, x0)
         outs, t = [], 0
