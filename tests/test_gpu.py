@@ -33,7 +33,7 @@ def test_bf16_matches_reference(clip_tau, algorithm):
 
 
 @pytest.mark.parametrize("algorithm", ["dual", "scan"])
-def test_bf16_gradients_match_float64(algorithm):
+def test_bf16_gradients_match_float64(algorithm, scores_kept_or_recomputed):
     """bf16 operands with float32 sums: gradients within bf16 distance of float64 ones."""
     layer = cuda_layer(torch.bfloat16, algorithm=algorithm).train()
     x, x0 = (t.to("cuda", torch.bfloat16) for t in random_inputs(2, 4 * 16 + 5, 64))
@@ -103,3 +103,18 @@ def test_kernel_step_under_cuda_graph_equals_pytorch_step(dtype, clip_tau, monke
         assert step._graph is not None
     scale = 1e-4 if dtype == torch.float32 else 2e-2
     assert (graphed.float() - eager).abs().max() <= scale * eager.abs().max()
+
+
+@pytest.mark.parametrize("algorithm", ["dual", "scan"])
+def test_autocast_with_float32_weights_on_cuda(algorithm):
+    layer = cuda_layer(torch.float32, clip_tau=0.5, algorithm=algorithm).train()
+    x, x0 = (t.to("cuda", torch.float32) for t in random_inputs(2, 4 * 16 + 5, 64))
+    grads = []
+    for enabled in (False, True):
+        layer.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled):
+            layer(x, x0).float().square().sum().backward()
+        grads.append([p.grad for p in layer.parameters()])
+    for full, mixed in zip(*grads):
+        assert mixed.dtype == torch.float32
+        assert (mixed - full).abs().max() <= 0.05 * full.abs().max()
