@@ -77,9 +77,9 @@ def _scaled(v: torch.Tensor, clip: _Clip | None, start: int, end: int) -> torch.
     return (v[:, start:end] * clip.positions(start, end)[..., None]).to(v.dtype)
 
 
-def _add_fast_term_(out, z, v, clip, eta, chunk_size, block_size, op) -> list[torch.Tensor]:
+def _add_fast_term_(out, z, v, clip, eta, chunk_size, block_size, op, keep_scores) -> list[torch.Tensor | None]:
     """out += eta * (the fast-weight term), chunk by chunk, without autograd; returns the
-    blocks' scores for the backward."""
+    blocks' scores for the backward (when `keep_scores`)."""
     B, T, _ = z.shape
     state = None  # float32 [B, d, h]: the updates of the blocks before this one
     saved = []
@@ -87,7 +87,7 @@ def _add_fast_term_(out, z, v, clip, eta, chunk_size, block_size, op) -> list[to
         state_t = None  # the last block's copy goes before this one's is made
         if state is not None:
             state_t = state.to(op).transpose(1, 2)
-        scores = block_scores(B, end - start, chunk_size, z, op)
+        scores = block_scores(B, end - start, chunk_size, z, op) if keep_scores else None
         saved.append(scores)
         for q, q_end in _chunks(start, end, chunk_size):
             if state_t is None and q == start:
@@ -176,7 +176,8 @@ class _AddFastWeightTerm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, z, v, eta, chunk_size, block_size, clip_tau):
         with without_autocast(z.device):
-            scores = _add_fast_term_(out, z, v, *_setup(ctx, z, v, eta, chunk_size, block_size, clip_tau))
+            scores = _add_fast_term_(out, z, v, *_setup(ctx, z, v, eta, chunk_size, block_size, clip_tau),
+                                     keep_scores=any(ctx.needs_input_grad[1:3]))
         ctx.mark_dirty(out)
         ctx.save_for_backward(z, v, *scores)
         return out
@@ -197,7 +198,8 @@ class _TTTDownProjection(torch.autograd.Function):
         dtype = linear_dtype(z.device, weight.dtype)
         with without_autocast(z.device):
             out = F.linear(z.to(dtype), weight.to(dtype))
-            scores = _add_fast_term_(out, z, v, *_setup(ctx, z, v, eta, chunk_size, block_size, clip_tau))
+            scores = _add_fast_term_(out, z, v, *_setup(ctx, z, v, eta, chunk_size, block_size, clip_tau),
+                                     keep_scores=any(ctx.needs_input_grad[:2]))
         ctx.save_for_backward(z, v, weight, *scores)
         return out
 
