@@ -107,10 +107,11 @@ class _FutureConvTargets(torch.autograd.Function):
 
 def future_conv_targets(x0: torch.Tensor, conv_weight: torch.Tensor, proj_weight: torch.Tensor,
                         chunk_size: int) -> torch.Tensor:
-    """V = chunked_future_conv(x0) W_target^T, [B, T, d] in W_target's dtype (differentiable).
+    """V = chunked_future_conv(x0) W_target^T, [B, T, d] in W_target's dtype, or autocast's
+    where it is on (differentiable).
 
-    The conv output is rounded to W_target's dtype before the projection, as a
-    linear layer of the model would see it.
+    The conv output is rounded to that dtype before the projection, as a linear
+    layer of the model would see it.
     """
     return _FutureConvTargets.apply(x0, conv_weight, proj_weight, chunk_size)
 
