@@ -6,9 +6,7 @@ interpreter (set in conftest).
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from moshi_ttt import InPlaceTTTGating
 from moshi_ttt.ops import step_kernels
 
 pytestmark = [pytest.mark.skipif(step_kernels.triton is None, reason="Triton is not installed"),
@@ -18,10 +16,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 STATE = ("delta", "delta_read", "z_ring", "v_ring", "x0_tail", "pos", "slot", "prev_scale", "cur_sq_norm")
 
 
-def make_layer(dtype, kernel_size, dim=20, hidden=24, chunk_size=4, clip_tau=None, seed=0):
-    torch.manual_seed(seed)
-    return InPlaceTTTGating(dim, hidden, F.silu, chunk_size=chunk_size, eta=0.3, kernel_size=kernel_size,
-                            clip_tau=clip_tau, init="normal", init_std=0.2, dtype=dtype).eval().to(DEVICE)
+@pytest.fixture
+def kernel_layer(make_layer):
+    """A d=20 layer (several rows folded per step at C=4) on DEVICE."""
+    def make(dtype, kernel_size, chunk_size=4, clip_tau=None):
+        return make_layer(dim=20, hidden=24, chunk_size=chunk_size, eta=0.3, kernel_size=kernel_size,
+                          clip_tau=clip_tau, init_std=0.2, dtype=dtype).to(DEVICE)
+    return make
 
 
 def run_steps(layer, x, x0, kernels, masks):
@@ -43,10 +44,10 @@ def run_steps(layer, x, x0, kernels, masks):
     (torch.bfloat16, 1, 3, None), (torch.bfloat16, 2, 3, None), (torch.bfloat16, 3, 7, None),
     (torch.float32, 1, 3, 0.05), (torch.float32, 2, 3, 0.05), (torch.float32, 3, 3, 0.05),
     (torch.bfloat16, 2, 3, 0.05)])
-def test_kernel_step_equals_pytorch_step(dtype, kernel_size, batch, clip_tau):
+def test_kernel_step_equals_pytorch_step(kernel_layer, dtype, kernel_size, batch, clip_tau):
     """Five chunks (d=20 > C=4: several rows folded per step), one sample paused at times;
     batch 7 with K=3 gives 21 target rows, more than one tile of the target kernel."""
-    layer = make_layer(dtype, kernel_size, clip_tau=clip_tau)
+    layer = kernel_layer(dtype, kernel_size, clip_tau=clip_tau)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 22, 20, generator=g).to(dtype)
     x0 = torch.randn(batch, 22, 20, generator=g).to(dtype)
@@ -63,10 +64,10 @@ def test_kernel_step_equals_pytorch_step(dtype, kernel_size, batch, clip_tau):
         assert (state_ref["prev_scale"] < 0.9).all()  # the clip binds
 
 
-def test_kernel_step_keeps_the_low_precision_copy(monkeypatch):
+def test_kernel_step_keeps_the_low_precision_copy(kernel_layer, monkeypatch):
     """On CUDA a bf16 model's output reads a bf16 copy of delta, which the fold keeps up to date."""
     from moshi_ttt.modules import fast_weights
-    layer = make_layer(torch.bfloat16, kernel_size=2)
+    layer = kernel_layer(torch.bfloat16, kernel_size=2)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 17, 20, generator=g).bfloat16()
     x0 = torch.randn(2, 17, 20, generator=g).bfloat16()
@@ -82,8 +83,8 @@ def test_kernel_step_keeps_the_low_precision_copy(monkeypatch):
 
 
 @pytest.mark.parametrize("clip_tau", [None, 0.05])
-def test_kernel_step_equals_parallel_form(clip_tau):
-    layer = make_layer(torch.float32, kernel_size=2, chunk_size=5, clip_tau=clip_tau)
+def test_kernel_step_equals_parallel_form(kernel_layer, clip_tau):
+    layer = kernel_layer(torch.float32, kernel_size=2, chunk_size=5, clip_tau=clip_tau)
     g = torch.Generator().manual_seed(2)
     x, x0 = torch.randn(2, 23, 20, generator=g), torch.randn(2, 23, 20, generator=g)
     with torch.no_grad():
@@ -108,9 +109,9 @@ def test_kernels_serve_cuda_only_when_asked(monkeypatch):
 
 
 @pytest.mark.parametrize("clip_tau", [None, 0.05])
-def test_kernel_steps_mixed_with_whole_chunks(clip_tau):
+def test_kernel_steps_mixed_with_whole_chunks(kernel_layer, clip_tau):
     """Token steps (kernels) and multi-token steps (whole chunks in parallel form) share the state."""
-    layer = make_layer(torch.float32, kernel_size=2, chunk_size=4, clip_tau=clip_tau)
+    layer = kernel_layer(torch.float32, kernel_size=2, chunk_size=4, clip_tau=clip_tau)
     g = torch.Generator().manual_seed(4)
     x, x0 = torch.randn(2, 31, 20, generator=g).to(DEVICE), torch.randn(2, 31, 20, generator=g).to(DEVICE)
     with torch.no_grad():

@@ -3,11 +3,11 @@
 from .chunking import (
     chunk_delta_sq_norms,
     clip_scales,
-    compute_dtype,
     expand_chunk_values,
     pad_to_chunks,
 )
 from .inplace_ttt import ALGORITHMS, add_inplace_ttt_, block_size_for, clipped_targets, inplace_ttt_down
+from .matmul import compute_dtype
 from .scan import add_fast_weight_term_, ttt_down_projection
 from .target_conv import chunked_future_conv, future_conv_partial_rows, future_conv_targets
 

@@ -7,10 +7,7 @@ chunk, which is what keeps the update of chunk i free of tokens after it.
 import torch
 import torch.nn.functional as F
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Fast-weight math runs in float32, or float64 when the inputs are float64."""
-    return torch.promote_types(dtype, torch.float32)
+from .matmul import bmm_acc, operand_dtype
 
 
 def pad_to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -21,17 +18,23 @@ def pad_to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return x.view(B, n_chunks, chunk_size, D)
 
 
+def chunk_grams(z: torch.Tensor, v: torch.Tensor, start: int, end: int,
+                op: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C x C Gram matrices Z Z^T and V V^T of the rows [start, end), in float32."""
+    zq, vq = z[:, start:end], v[:, start:end]
+    return bmm_acc(zq, zq.transpose(1, 2), op), bmm_acc(vq, vq.transpose(1, 2), op)
+
+
 def chunk_delta_sq_norms(z: torch.Tensor, v: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """||V_i^T Z_i||_F^2 for every chunk i, without forming the d x h delta.
 
     Uses ||V^T Z||_F^2 = sum((V V^T) * (Z Z^T)): two C x C Gram matrices per chunk.
-    z: [B, T, h], v: [B, T, d] -> [B, n_chunks].
+    z: [B, T, h], v: [B, T, d] -> [B, n_chunks] in float32 (float64 for float64).
     """
-    zc = pad_to_chunks(z, chunk_size)
-    vc = pad_to_chunks(v, chunk_size)
-    gram_z = zc @ zc.transpose(-1, -2)
-    gram_v = vc @ vc.transpose(-1, -2)
-    return (gram_z * gram_v).sum(dim=(-1, -2))
+    op = operand_dtype(z.dtype, z.device)
+    norms = [torch.mul(*chunk_grams(z, v, start, start + chunk_size, op)).sum((1, 2))
+             for start in range(0, z.shape[1], chunk_size)]
+    return torch.stack(norms, dim=1)
 
 
 def clip_scales(sq_norms: torch.Tensor, eta: float, tau: float | None) -> torch.Tensor:

@@ -16,8 +16,7 @@ rows, so the caller writes every row of Y, dZ and dV once.
 
 import torch
 
-from .chunking import compute_dtype
-from .matmul import baddbmm_acc_, bmm_acc
+from .matmul import baddbmm_acc_, bmm_acc, compute_dtype
 
 
 def _acc(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, op: torch.dtype) -> torch.Tensor:
@@ -28,12 +27,13 @@ def _acc(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, op: torch.d
 KEPT_SCORES = 4096  # the largest block (positions) whose L x L scores are kept
 
 
-def block_scores(batch: int, length: int, chunk_size: int, like: torch.Tensor, op: torch.dtype) -> torch.Tensor | None:
+def block_scores(batch: int, length: int, chunk_size: int, device: torch.device,
+                 op: torch.dtype) -> torch.Tensor | None:
     """[B, L, L] buffer for a block's masked scores (only the blocks below the diagonal
     are written), or None where they are recomputed: one chunk, or L > KEPT_SCORES."""
     if length <= chunk_size or length > KEPT_SCORES:
         return None
-    return torch.empty(batch, length, length, dtype=op, device=like.device)
+    return torch.empty(batch, length, length, dtype=op, device=device)
 
 
 def dual_forward_chunk(acc: torch.Tensor | None, z_query: torch.Tensor, z_keys: torch.Tensor,

@@ -10,8 +10,8 @@ import typing as tp
 
 import torch
 
-from .chunking import chunk_delta_sq_norms, clip_scales, compute_dtype, expand_chunk_values
-from .matmul import bmm_acc, operand_dtype
+from .chunking import chunk_delta_sq_norms, clip_scales, expand_chunk_values
+from .matmul import bmm_acc, compute_dtype, operand_dtype
 from .scan import add_fast_weight_term_, ttt_down_projection
 
 Algorithm = tp.Literal["auto", "dual", "scan"]

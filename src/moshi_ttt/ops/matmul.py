@@ -10,9 +10,12 @@ import contextlib
 
 import torch
 
-from .chunking import compute_dtype
-
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Fast-weight math runs in float32, or float64 when the inputs are float64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def operand_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:

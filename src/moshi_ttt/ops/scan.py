@@ -24,6 +24,7 @@ gradient G (what later blocks read) and adds the rest.
 import torch
 import torch.nn.functional as F
 
+from .chunking import chunk_delta_sq_norms, chunk_grams, clip_scales
 from .dual import block_score_grads, block_scores, dual_backward_chunk, dual_forward_chunk
 from .matmul import baddbmm_acc_, bmm_acc, linear_dtype, operand_dtype, without_autocast
 
@@ -42,14 +43,9 @@ class _Clip:
     def __init__(self, z: torch.Tensor, v: torch.Tensor, eta: float, tau: float, chunk_size: int,
                  op: torch.dtype):
         self.chunk_size, self.op = chunk_size, op
-        sq = [torch.mul(*self._grams(z, v, q, e)).sum((1, 2)) for q, e in _chunks(0, z.shape[1], chunk_size)]
-        self.sq_norms = torch.stack(sq, dim=1)  # [B, n_chunks]
+        self.sq_norms = chunk_delta_sq_norms(z, v, chunk_size)  # [B, n_chunks]
         self.clipped = self.sq_norms * (eta * eta) > tau * tau
-        self.scales = torch.where(self.clipped, tau / (eta * self.sq_norms.clamp_min(1e-30).sqrt()), 1.0)
-
-    def _grams(self, z, v, start, end):
-        zq, vq = z[:, start:end], v[:, start:end]
-        return bmm_acc(zq, zq.transpose(1, 2), self.op), bmm_acc(vq, vq.transpose(1, 2), self.op)
+        self.scales = clip_scales(self.sq_norms, eta, tau)
 
     def positions(self, start: int, end: int) -> torch.Tensor:
         """[B, end - start]: the factor of each position in [start, end), start a chunk start."""
@@ -66,7 +62,7 @@ class _Clip:
         i = q // self.chunk_size
         # dc / d||.||^2 = -c / (2 ||.||^2) where clipped, 0 where not; d||.||^2/dZ = 2 Gv Z, /dV = 2 Gz V.
         coef = torch.where(self.clipped[:, i], -grad_scale * self.scales[:, i] / self.sq_norms[:, i], 0.0)
-        gram_z, gram_v = self._grams(z, v, q, end)
+        gram_z, gram_v = chunk_grams(z, v, q, end, self.op)
         baddbmm_acc_(dz_q, gram_v * coef[:, None, None], z[:, q:end], self.op)
         baddbmm_acc_(dv_q, gram_z * coef[:, None, None], v[:, q:end], self.op)
 
@@ -87,7 +83,7 @@ def _add_fast_term_(out, z, v, clip, eta, chunk_size, block_size, op, keep_score
         state_t = None  # the last block's copy goes before this one's is made
         if state is not None:
             state_t = state.to(op).transpose(1, 2)
-        scores = block_scores(B, end - start, chunk_size, z, op) if keep_scores else None
+        scores = block_scores(B, end - start, chunk_size, z.device, op) if keep_scores else None
         saved.append(scores)
         for q, q_end in _chunks(start, end, chunk_size):
             if state_t is None and q == start:

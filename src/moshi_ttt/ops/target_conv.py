@@ -13,8 +13,7 @@ copy of the sequence would be 16 KB a frame and the conv output 8 KB, against
 import torch
 import torch.nn.functional as F
 
-from .chunking import compute_dtype
-from .matmul import linear_dtype, without_autocast
+from .matmul import compute_dtype, linear_dtype, without_autocast
 
 SPAN = 2048  # positions per span (rounded to whole chunks)
 

@@ -55,11 +55,10 @@ class SyntheticDocuments:
         for i, (key, value) in enumerate(zip(keys, values)):
             codes[0, 1 + 2 * i] = key
             codes[0, 2 + 2 * i] = value
-        first = self.frames - 2 * self.pairs
         user_first = 1 + self.dep_q
-        for slot, i in enumerate(rng.permutation(self.pairs)):
-            codes[0, first + 2 * slot] = keys[i]
-            codes[0, first + 2 * slot + 1] = values[i]
+        for answer, i in zip(self.answer_positions(), rng.permutation(self.pairs)):
+            codes[0, answer - 1] = keys[i]
+            codes[0, answer] = values[i]
             if user_first < self.num_codebooks:
-                codes[user_first, first + 2 * slot] = keys[i] % self.card
+                codes[user_first, answer - 1] = keys[i] % self.card
         return torch.from_numpy(codes).long()
