@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, markdown_table, peak_memory_gib, time_ms, write_results  # noqa: E402
 
 from moshi_ttt import InPlaceTTTGating  # noqa: E402
-from moshi_ttt.ops import inplace_ttt, pad_to_chunks  # noqa: E402
+from moshi_ttt.ops import block_size_for, pad_to_chunks  # noqa: E402
 
 SIZES = {
     "moshi": dict(dim=4096, dim_feedforward=int(4.125 * 4096), chunk=512, lengths=[3072, 12288, 49152],
@@ -52,13 +52,9 @@ def materialized_ttt(layer: InPlaceTTTGating, x: torch.Tensor, x0: torch.Tensor)
 
 
 def ttt_forward(layer: InPlaceTTTGating, algorithm: str, block: int | None, x, x0):
-    """The layer with `algorithm` and, for the scan, blocks of `block` positions."""
-    default, inplace_ttt.SCAN_BLOCK = inplace_ttt.SCAN_BLOCK, block or inplace_ttt.SCAN_BLOCK
-    layer.algorithm = algorithm
-    try:
-        return layer(x, x0)
-    finally:
-        inplace_ttt.SCAN_BLOCK = default
+    """The layer with `algorithm` and, for the scan, blocks of `block` positions (None: its default)."""
+    layer.algorithm, layer.scan_block = algorithm, block
+    return layer(x, x0)
 
 
 def measure(forward, module, x, x0, grad_out, device):
@@ -104,7 +100,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: the size's (bf16 for moshi)")
     parser.add_argument("--clip-tau", type=float, default=None, help="clip each chunk's update (off by default)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="results JSON (default bench/results/layer[-meta][-DTYPE].json)")
+                        help="results JSON (default bench/results/layer[-SIZE][-meta][-DTYPE].json)")
     args = parser.parse_args()
     size = SIZES[args.size]
     device = torch.device(args.device)
@@ -112,7 +108,7 @@ def main() -> None:
     torch.manual_seed(0)
     gating = ActivationGating(size["dim"], size["dim_feedforward"], F.silu, device=device, dtype=dtype)
     hidden = gating.linear_out.weight.shape[1]
-    default_block = inplace_ttt.SCAN_BLOCK
+    default_block = block_size_for("scan", 1, size["dim"], hidden, size["chunk"])
     scan_blocks = sorted({size["chunk"], default_block, 2 * default_block})
     rows, results = [], []
     for T in args.lengths or size["lengths"]:
@@ -144,7 +140,7 @@ def main() -> None:
     env = environment(device)
     config = {"dim": size["dim"], "hidden": hidden, "chunk": size["chunk"], "dtype": str(dtype).split(".")[-1], "batch": 1,
               "clip_tau": args.clip_tau}
-    name = "layer-meta" if device.type == "meta" else "layer"
+    name = "layer" + ("" if args.size == "moshi" else f"-{args.size}") + ("-meta" if device.type == "meta" else "")
     out = args.out or Path("bench/results") / (f"{name}-{args.dtype}.json" if args.dtype else f"{name}.json")
     write_results(out, {**env, **config, "results": results})
     print(f"{env['device']}, torch {env['torch']}, {env['date']}; {config}")

@@ -16,22 +16,22 @@ from moshi_ttt import InPlaceTTTGating  # noqa: E402
 
 @pytest.fixture
 def make_layer():
-    """A small float64 TTT layer with random target weights, seeded."""
+    """A small float64 TTT layer with random target weights, seeded; scan blocks of two
+    chunks or so (8 positions), so the scan mixes its state with the dual form."""
     def make(dim=8, hidden=12, chunk_size=4, eta=0.5, kernel_size=2, clip_tau=None,
-             init="normal", init_std=0.3, algorithm="auto", seed=0, dtype=torch.float64):
+             init="normal", init_std=0.3, algorithm="auto", scan_block=8, seed=0, dtype=torch.float64):
         torch.manual_seed(seed)
         layer = InPlaceTTTGating(dim, hidden, F.silu, chunk_size=chunk_size, eta=eta,
                                  kernel_size=kernel_size, clip_tau=clip_tau, init=init,
-                                 init_std=init_std, algorithm=algorithm, dtype=dtype)
+                                 init_std=init_std, algorithm=algorithm, scan_block=scan_block, dtype=dtype)
         return layer.eval()
     return make
 
 
 @pytest.fixture(autouse=True)
-def small_blocks(monkeypatch):
-    """At test sizes a 2048-position scan block or conv span would hold the whole sequence: use 8."""
-    from moshi_ttt.ops import inplace_ttt, target_conv
-    monkeypatch.setattr(inplace_ttt, "SCAN_BLOCK", 8)
+def small_conv_spans(monkeypatch):
+    """At test sizes a 2048-position span of the target conv would hold the whole sequence: use 8."""
+    from moshi_ttt.ops import target_conv
     monkeypatch.setattr(target_conv, "SPAN", 8)
 
 

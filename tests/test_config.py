@@ -13,7 +13,7 @@ def test_paper_default_layers():
 
 def test_round_trips(tmp_path):
     config = TTTConfig(layers=[1, 4], chunk_size=256, eta=0.3, kernel_size=3, init="next_token",
-                       clip_tau=1e-5, x0_source="text")
+                       clip_tau=1e-5, x0_source="text", algorithm="scan", scan_block=1024)
     assert TTTConfig.from_json(config.to_json()) == config
     assert TTTConfig.from_yaml(config.to_yaml()) == config
     for name, text in (("c.yaml", config.to_yaml()), ("c.json", config.to_json())):
@@ -28,6 +28,8 @@ def test_round_trips(tmp_path):
     (dict(eta=-0.1), r"ttt.eta=-0.1: expected a finite number >= 0"),
     (dict(clip_tau=0), r"ttt.clip_tau=0: expected a finite number > 0"),
     (dict(init="zero"), r"ttt.init='zero': expected one of"),
+    (dict(algorithm="chunked"), r"ttt.algorithm='chunked': expected one of \('auto', 'dual', 'scan'\)"),
+    (dict(scan_block=0), r"ttt.scan_block=0: expected an integer >= 1"),
     (dict(x0_source="audio"), r"ttt.x0_source='audio': expected one of \('input', 'text', 'hidden'\)"),
     (dict(layers=[]), r"ttt.layers=\[\]: expected a non-empty list"),
     (dict(layers=[1, 1]), r"ttt.layers=\[1, 1\]: a layer index is repeated"),

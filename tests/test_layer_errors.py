@@ -51,6 +51,8 @@ def test_streaming_batch_mismatch(layer):
     (dict(init="zeros"), r"init='zeros': expected one of \('warm', 'next_token', 'normal'\)"),
     (dict(init="next_token", kernel_size=1), r"needs kernel_size >= 2.*kernel_size=1"),
     (dict(init_std=0.0), r"init_std=0.0"),
+    (dict(algorithm="chunked"), r"algorithm='chunked': expected one of \('auto', 'dual', 'scan'\)"),
+    (dict(scan_block=2.5), r"scan_block=2.5: expected an integer >= 1"),
 ])
 def test_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):

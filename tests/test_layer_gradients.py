@@ -76,6 +76,8 @@ def test_gradcheck_fast_weight_ops(block_chunks, clip_tau, scores_kept_or_recomp
     args = (0.7, C, block_chunks * C, clip_tau)
     assert torch.autograd.gradcheck(lambda out, z, v: add_fast_weight_term_(out.clone(), z, v, *args), (out, z, v))
     assert torch.autograd.gradcheck(lambda z, v, w: ttt_down_projection(z, v, w, *args), (z, v, w))
+    frozen = w.detach()  # no weight gradient: the backward skips its sum
+    assert torch.autograd.gradcheck(lambda z, v: ttt_down_projection(z, v, frozen, *args), (z, v))
     fused = ttt_down_projection(z, v, w, *args)
     torch.testing.assert_close(fused, add_fast_weight_term_(z @ w.T, z, v, *args))
     if clip_tau is not None:  # the clip binds: the term differs from the unclipped one

@@ -102,14 +102,19 @@ def test_next_token_init_targets_next_embedding(make_layer):
     assert torch.equal(v[:, [3, 7]], torch.zeros(1, 2, 6, dtype=torch.float64))  # chunk ends
 
 
-def test_auto_picks_dual_for_short_and_scan_for_long(monkeypatch):
-    from moshi_ttt.ops import block_size_for, inplace_ttt
-    monkeypatch.setattr(inplace_ttt, "SCAN_BLOCK", 2048)
+def test_auto_picks_dual_for_short_and_scan_for_long():
+    from moshi_ttt.ops import block_size_for
     assert block_size_for("auto", 3072, 4096, 11264, 512) == 3072
+    assert block_size_for("auto", 9000, 4096, 11264, 512) == 9216  # the dual limit: ~9011
+    assert block_size_for("auto", 9100, 4096, 11264, 512) == 2048
     assert block_size_for("auto", 12288, 4096, 11264, 512) == 2048
     assert block_size_for("dual", 1000, 4096, 11264, 512) == 1024
     assert block_size_for("scan", 1000, 4096, 11264, 512) == 2048
     assert block_size_for("scan", 1000, 4096, 11264, 3000) == 3000
+    # A small model: blocks of a quarter of its dual limit (~563), in whole chunks.
+    assert block_size_for("scan", 4096, 256, 704, 64) == 128
+    assert block_size_for("scan", 4096, 4096, 11264, 512, scan_block=1500) == 1024
+    assert block_size_for("scan", 4096, 4096, 11264, 512, scan_block=100) == 512
 
 
 @pytest.mark.parametrize("block_chunks", [1, 2, 3, 100])

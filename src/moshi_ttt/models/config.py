@@ -35,6 +35,7 @@ class TTTConfig:
             every stream's embedding, the transformer's input), "text" (the text
             stream's embedding only) or "hidden" (the layer's own MLP input).
         algorithm: exact form for whole sequences, "auto", "dual" or "scan".
+        scan_block: positions per scan block, None to pick one from the model's size.
     """
 
     layers: list[int] | None = None
@@ -48,6 +49,7 @@ class TTTConfig:
     clip_tau: float | None = None
     x0_source: str = "input"
     algorithm: str = "auto"
+    scan_block: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -75,6 +77,8 @@ class TTTConfig:
             raise ValueError(f"ttt.kernel_size={self.kernel_size}: init 'next_token' needs kernel_size >= 2")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"ttt.algorithm={self.algorithm!r}: expected one of {ALGORITHMS}")
+        if self.scan_block is not None:
+            _check_int("scan_block", self.scan_block, minimum=1)
         if self.x0_source not in X0_SOURCES:
             raise ValueError(f"ttt.x0_source={self.x0_source!r}: expected one of {X0_SOURCES}")
 
@@ -95,7 +99,7 @@ class TTTConfig:
         """Keyword arguments of `InPlaceTTTGating` that this config sets."""
         return dict(chunk_size=self.chunk_size, eta=self.eta, kernel_size=self.kernel_size,
                     clip_tau=self.clip_tau, init=self.init, init_std=self.init_std,
-                    algorithm=self.algorithm)
+                    algorithm=self.algorithm, scan_block=self.scan_block)
 
     def to_dict(self) -> dict[str, tp.Any]:
         return dataclasses.asdict(self)

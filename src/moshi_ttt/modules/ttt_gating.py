@@ -43,12 +43,14 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         init, init_std: how the target generator starts, see `LMAlignedTargets`.
         algorithm: exact form for whole sequences: "dual" (short), "scan" (long) or
             "auto" (the one with fewer operations for the length at hand).
+        scan_block: positions per block of the scan (rounded down to whole chunks);
+            None picks one from the layer's size (`ops.block_size_for`).
     """
 
     def __init__(self, dim: int, hidden: int, activation: tp.Callable, *, chunk_size: int = 512,
                  eta: float = 1.0, kernel_size: int = 2, clip_tau: float | None = None,
                  init: TargetInit = "warm", init_std: float = 0.02, algorithm: str = "auto",
-                 device=None, dtype=None):
+                 scan_block: int | None = None, device=None, dtype=None):
         super().__init__()
         _check_positive_int("dim", dim)
         _check_positive_int("hidden", hidden)
@@ -62,6 +64,8 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
             raise ValueError(f"init_std={init_std!r}: expected a number > 0")
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm={algorithm!r}: expected one of {ALGORITHMS}")
+        if scan_block is not None:
+            _check_positive_int("scan_block", scan_block)
         self.dim = dim
         self.hidden = hidden
         self.linear_in = nn.Linear(dim, 2 * hidden, bias=False, device=device, dtype=dtype)
@@ -72,6 +76,7 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         self.eta = float(eta)
         self.clip_tau = None if clip_tau is None else float(clip_tau)
         self.algorithm = algorithm
+        self.scan_block = scan_block
         self.ttt_enabled = True
         # Diagnostics: when a list, whole-sequence forwards append (Z, V) of every document.
         self.capture: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -102,7 +107,8 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
 
     def extra_repr(self) -> str:
         return (f"chunk_size={self.chunk_size}, eta={self.eta}, kernel_size={self.kernel_size}, "
-                f"clip_tau={self.clip_tau}, algorithm={self.algorithm}, ttt_enabled={self.ttt_enabled}")
+                f"clip_tau={self.clip_tau}, algorithm={self.algorithm}, scan_block={self.scan_block}, "
+                f"ttt_enabled={self.ttt_enabled}")
 
     def _init_streaming_state(self, batch_size: int) -> FastWeightState:
         weight = self.ttt_target.proj.weight
@@ -160,10 +166,11 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         if self.capture is not None:
             self.capture.append((z.detach(), v.detach()))
         args = (self.chunk_size, self.eta, self.clip_tau)
+        form = dict(algorithm=self.algorithm, scan_block=self.scan_block)
         if type(self.linear_out) is nn.Linear and self.linear_out.bias is None:
-            return inplace_ttt_down(z, v, self.linear_out.weight, *args, algorithm=self.algorithm)
+            return inplace_ttt_down(z, v, self.linear_out.weight, *args, **form)
         # Another slow layer (moshi's LoRA): its output, then the fast-weight term added in place.
-        return add_inplace_ttt_(self.linear_out(z), z, v, *args, algorithm=self.algorithm)
+        return add_inplace_ttt_(self.linear_out(z), z, v, *args, **form)
 
     def _streaming_update(self, z: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """Fast-weight term of a streaming step of any length."""
@@ -197,7 +204,8 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         state.settle()
         v = clipped_targets(z, self.ttt_target(x0, self.chunk_size), self.chunk_size, self.eta, self.clip_tau)
         update = z.new_zeros(*z.shape[:2], self.dim, dtype=compute_dtype(z.dtype))
-        add_inplace_ttt_(update, z, v, self.chunk_size, self.eta, initial_delta=state.delta, algorithm=self.algorithm)
+        add_inplace_ttt_(update, z, v, self.chunk_size, self.eta, initial_delta=state.delta,
+                         algorithm=self.algorithm, scan_block=self.scan_block)
         state.absorb(z, v)
         return update
 

@@ -16,24 +16,36 @@ from .scan import add_fast_weight_term_, ttt_down_projection
 
 Algorithm = tp.Literal["auto", "dual", "scan"]
 ALGORITHMS: tuple[str, ...] = tp.get_args(Algorithm)
-SCAN_BLOCK = 2048  # positions per scan block (rounded to whole chunks)
+SCAN_BLOCK = 2048  # the longest default scan block (positions): the fastest on an H100 at Moshi's size
 
 
-def block_size_for(algorithm: str, length: int, dim: int, hidden: int, chunk_size: int) -> int:
+def dual_length_limit(dim: int, hidden: int) -> float:
+    """The length up to which one dual block over the whole sequence needs fewer
+    products than the scan: T (4h + 4d) <= 12 d h (~9000 positions at Moshi's size)."""
+    return 12 * dim * hidden / (4 * hidden + 4 * dim)
+
+
+def block_size_for(algorithm: str, length: int, dim: int, hidden: int, chunk_size: int,
+                   scan_block: int | None = None) -> int:
     """The scan block size that implements `algorithm` for a sequence of `length`.
 
     "dual" is one block over the whole sequence (~ T^2 (4h + 4d) / 2 multiply-adds for
-    forward and backward); "scan" uses blocks of about SCAN_BLOCK positions (~ 7 T d h);
-    "auto" takes the dual form while it needs fewer operations.
+    forward and backward); "scan" uses blocks of `scan_block` positions rounded down to
+    whole chunks (~ 6 T d h); "auto" takes the dual form up to `dual_length_limit`.
+    Without `scan_block`, blocks are as long as SCAN_BLOCK (the state is read and written
+    once a block) and a quarter of the dual limit (the dual part inside a block then
+    costs at most a quarter of the state's products).
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm={algorithm!r}: expected one of {ALGORITHMS}")
-    whole = -(-length // chunk_size) * chunk_size
+    limit = dual_length_limit(dim, hidden)
     if algorithm == "auto":
-        algorithm = "dual" if length * (4 * hidden + 4 * dim) <= 14 * dim * hidden else "scan"
+        algorithm = "dual" if length <= limit else "scan"
     if algorithm == "dual":
-        return whole
-    return max(chunk_size, SCAN_BLOCK // chunk_size * chunk_size)
+        return -(-length // chunk_size) * chunk_size
+    if scan_block is None:
+        scan_block = int(min(SCAN_BLOCK, limit / 4))
+    return max(chunk_size, scan_block // chunk_size * chunk_size)
 
 
 def clipped_targets(
@@ -60,12 +72,14 @@ def inplace_ttt_down(
     eta: float,
     clip_tau: float | None = None,
     algorithm: Algorithm = "auto",
+    scan_block: int | None = None,
 ) -> torch.Tensor:
     """The layer's down-projection `Z W0^T` plus the fast-weight term, [B, T, d] (differentiable).
 
-    z: [B, T, h] gated activations; v: [B, T, d] targets; weight: W0, [d, h].
+    z: [B, T, h] gated activations; v: [B, T, d] targets; weight: W0, [d, h];
+    algorithm, scan_block: see `block_size_for`.
     """
-    block = block_size_for(algorithm, z.shape[1], v.shape[-1], z.shape[-1], chunk_size)
+    block = block_size_for(algorithm, z.shape[1], v.shape[-1], z.shape[-1], chunk_size, scan_block)
     return ttt_down_projection(z, v, weight, eta, chunk_size, block, clip_tau)
 
 
@@ -78,14 +92,15 @@ def add_inplace_ttt_(
     clip_tau: float | None = None,
     initial_delta: torch.Tensor | None = None,
     algorithm: Algorithm = "auto",
+    scan_block: int | None = None,
 ) -> torch.Tensor:
     """out += the fast-weight term, in place (differentiable); returns out.
 
     out: [B, T, d] slow output; z: [B, T, h] gated activations; v: [B, T, d] targets;
     initial_delta: [B, d, h] accumulated (clipped, not eta-scaled) deltas that precede
-    position 0, if any (streaming, without gradient).
+    position 0, if any (streaming, without gradient); algorithm, scan_block: see `block_size_for`.
     """
-    block = block_size_for(algorithm, z.shape[1], v.shape[-1], z.shape[-1], chunk_size)
+    block = block_size_for(algorithm, z.shape[1], v.shape[-1], z.shape[-1], chunk_size, scan_block)
     out = add_fast_weight_term_(out, z, v, eta, chunk_size, block, clip_tau)
     if initial_delta is not None:
         out.add_(bmm_acc(z, initial_delta.transpose(1, 2), operand_dtype(z.dtype, z.device)), alpha=eta)

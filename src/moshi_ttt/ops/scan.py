@@ -98,8 +98,14 @@ def _add_fast_term_(out, z, v, clip, eta, chunk_size, block_size, op, keep_score
     return saved
 
 
-def _fast_term_backward(dout, z, v, saved_scores, clip, eta, chunk_size, block_size, op, weight=None):
-    """dZ and dV of `out += eta * fast term` (plus `dout W` in dZ when the slow weight W is given)."""
+def _fast_term_backward(dout, z, v, saved_scores, clip, eta, chunk_size, block_size, op, weight=None,
+                        weight_grad=False):
+    """dZ and dV of `out += eta * fast term`, and the float32 sums of the slow weight's gradient.
+
+    With the slow weight W given, dZ includes `dout W`. With `weight_grad` and more
+    than one block, the third result is `dout_b^T Z_b` summed over the blocks, [B, d, h]
+    (the state's gradient is the partial sums of the same products), else None.
+    """
     T = z.shape[1]
     blocks = _blocks(T, block_size)
     dz = torch.empty_like(z)
@@ -117,23 +123,24 @@ def _fast_term_backward(dout, z, v, saved_scores, clip, eta, chunk_size, block_s
             state = _add_update(state, z[:, start:end], _scaled(v, clip, start, end), op)
     del state, state_op
 
-    # Pass 2, reverse order: the dual form inside each block, and G (d x h,
-    # float32) = eta * sum over later blocks of dY^T Z, the gradient of this block's update.
-    grad_state = None
+    # Pass 2, reverse order: the dual form inside each block, and P (d x h, float32),
+    # the sum over later blocks of dY^T Z: eta P is the gradient of this block's update.
+    # Summed over every block and the batch, P is also dLoss/dW.
+    grad_sum = None
     weight_op = None if weight is None else weight.to(op).expand(z.shape[0], -1, -1)
     for (start, end), scores in zip(reversed(blocks), reversed(saved_scores)):
         dy = dout[:, start:end].to(op) * eta
         grad_op = None  # the last block's copy goes before this one's is made
-        if grad_state is not None:
-            grad_op = grad_state.to(op)
+        if grad_sum is not None:
+            grad_op = grad_sum.to(op)
         zb, vb = z[:, start:end], v[:, start:end]
         scales = None if clip is None else clip.positions(start, end)
         score_grads = None if scores is None else block_score_grads(vb, dy, chunk_size, op, scales)
         for q, q_end in _chunks(start, end, chunk_size):
             dz_q, dv_q = dual_backward_chunk(zb, vb, dy, q - start, q_end - start, op, scales, scores, score_grads)
             if grad_op is not None:
-                baddbmm_acc_(dz_q, _scaled(v, clip, q, q_end), grad_op, op)
-                baddbmm_acc_(dv_q, z[:, q:q_end], grad_op.transpose(1, 2), op)
+                baddbmm_acc_(dz_q, _scaled(v, clip, q, q_end), grad_op, op, alpha=eta)
+                baddbmm_acc_(dv_q, z[:, q:q_end], grad_op.transpose(1, 2), op, alpha=eta)
             if weight_op is not None:
                 baddbmm_acc_(dz_q, dout[:, q:q_end], weight_op, op)
             if start > 0:
@@ -144,12 +151,20 @@ def _fast_term_backward(dout, z, v, saved_scores, clip, eta, chunk_size, block_s
                 clip.add_grad_(dz_q, dv_q, z, v, q, q_end, grad_scale)
             dz[:, q:q_end] = dz_q
             dv[:, q:q_end] = dv_q
-        if start > 0:
-            if grad_state is None:
-                grad_state = bmm_acc(dy.transpose(1, 2), zb, op)
-            else:
-                baddbmm_acc_(grad_state, dy.transpose(1, 2), zb, op)
-    return dz, dv
+        del grad_op
+        if start > 0 or (weight_grad and grad_sum is not None):
+            grad_sum = _add_update(grad_sum, zb, dout[:, start:end], op)
+    return dz, dv, grad_sum if weight_grad else None
+
+
+def _weight_grad(sums: torch.Tensor | None, dout: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dLoss/dW of `Z W^T`: the backward's per-sample sums added over the batch (in place),
+    or the product itself where there were none."""
+    if sums is None:
+        return dout.flatten(0, -2).transpose(0, 1) @ z.flatten(0, -2)
+    for b in range(1, sums.shape[0]):
+        sums[0].add_(sums[b])
+    return sums[0].to(dtype)
 
 
 def _add_update(state: torch.Tensor | None, z: torch.Tensor, v: torch.Tensor, op: torch.dtype) -> torch.Tensor:
@@ -182,7 +197,7 @@ class _AddFastWeightTerm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         z, v, *scores = ctx.saved_tensors
-        dz, dv = _fast_term_backward(dout, z, v, scores, *ctx.args)
+        dz, dv, _ = _fast_term_backward(dout, z, v, scores, *ctx.args)
         return dout, dz, dv, None, None, None, None
 
 
@@ -203,10 +218,9 @@ class _TTTDownProjection(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         z, v, weight, *scores = ctx.saved_tensors
-        dz, dv = _fast_term_backward(dout, z, v, scores, *ctx.args, weight=weight)
-        grad_weight = None
-        if ctx.needs_input_grad[2]:
-            grad_weight = dout.flatten(0, -2).transpose(0, 1) @ z.flatten(0, -2)
+        dz, dv, sums = _fast_term_backward(dout, z, v, scores, *ctx.args, weight=weight,
+                                           weight_grad=ctx.needs_input_grad[2])
+        grad_weight = _weight_grad(sums, dout, z, weight.dtype) if ctx.needs_input_grad[2] else None
         return dz, dv, grad_weight, None, None, None, None
 
 
