@@ -16,9 +16,11 @@ output chunk by chunk, each chunk's sum in float32 and rounded once; the clip
 scales score columns and chunk rows, so no clipped copy of V exists. Z and V
 are saved, and the scores of blocks up to `dual.KEPT_SCORES` positions. The
 backward writes every gradient row from float32 sums of one chunk, so no
-float32 buffer the size of Z or V exists; and it holds one d x h state at a time: a first pass in block order replays S_b and writes the term
-`dY_b S_b` of dZ, a second pass in reverse order accumulates the state's
-gradient G (what later blocks read) and adds the rest.
+float32 buffer the size of Z or V exists; and it holds one d x h state at a
+time: a first pass in block order replays S_b and writes the term `dY_b S_b`
+of dZ, a second pass in reverse order accumulates the state's gradient G (what
+later blocks read) and adds the rest. G's final sum is the slow weight's
+gradient, which so costs no product of its own.
 """
 
 import torch
@@ -124,7 +126,7 @@ def _fast_term_backward(dout, z, v, saved_scores, clip, eta, chunk_size, block_s
     del state, state_op
 
     # Pass 2, reverse order: the dual form inside each block, and P (d x h, float32),
-    # the sum over later blocks of dY^T Z: eta P is the gradient of this block's update.
+    # the sum over later blocks of dout^T Z: eta P is the gradient of this block's update.
     # Summed over every block and the batch, P is also dLoss/dW.
     grad_sum = None
     weight_op = None if weight is None else weight.to(op).expand(z.shape[0], -1, -1)
@@ -151,7 +153,6 @@ def _fast_term_backward(dout, z, v, saved_scores, clip, eta, chunk_size, block_s
                 clip.add_grad_(dz_q, dv_q, z, v, q, q_end, grad_scale)
             dz[:, q:q_end] = dz_q
             dv[:, q:q_end] = dv_q
-        del grad_op
         if start > 0 or (weight_grad and grad_sum is not None):
             grad_sum = _add_update(grad_sum, zb, dout[:, start:end], op)
     return dz, dv, grad_sum if weight_grad else None
