@@ -1,0 +1,49 @@
+"""The matrix products of a forward and backward, counted, against the cost model
+that `docs/benchmarks.md` and `ops.block_size_for` rely on.
+
+For T positions, blocks of L = k C positions, d = dim, h = hidden:
+  plain gated MLP                      18 T d h
+  the scan's state, across blocks      12 (T - L) d h   (the slow weight's gradient is shared)
+  the dual form inside each block      C^2 k (k - 1) (3h + 3d) per block, kept scores
+                                       C^2 k (k - 1) (4h + 4d) per block, recomputed
+  the target generator (d x d)         6 T d^2
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import random_inputs
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+from layer import matmul_flops  # noqa: E402
+
+DIM, HIDDEN, C, T = 16, 40, 8, 48
+
+
+def expected_flops(block: int, per_pair: int) -> int:
+    k = block // C
+    dual = (T // block) * C * C * k * (k - 1) * per_pair
+    return 18 * T * DIM * HIDDEN + 12 * (T - block) * DIM * HIDDEN + dual + 6 * T * DIM * DIM
+
+
+def counted_flops(layer) -> int:
+    x, x0 = random_inputs(1, T, DIM, dtype=torch.float32)
+    x.requires_grad_(True)
+    return matmul_flops(lambda: layer(x, x0).backward(torch.ones(1, T, DIM)))
+
+
+@pytest.mark.parametrize("block", [C, 2 * C, 3 * C, T])
+def test_scan_and_dual_products(make_layer, block):
+    layer = make_layer(dim=DIM, hidden=HIDDEN, chunk_size=C, algorithm="scan", scan_block=block,
+                       dtype=torch.float32).train()
+    assert counted_flops(layer) == expected_flops(block, 3 * HIDDEN + 3 * DIM)
+
+
+def test_recomputed_scores_cost_a_product_more(make_layer, monkeypatch):
+    from moshi_ttt.ops import dual
+    monkeypatch.setattr(dual, "KEPT_SCORES", 0)
+    layer = make_layer(dim=DIM, hidden=HIDDEN, chunk_size=C, algorithm="dual", dtype=torch.float32).train()
+    assert counted_flops(layer) == expected_flops(T, 4 * HIDDEN + 4 * DIM)
