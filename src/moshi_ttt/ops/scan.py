@@ -26,7 +26,7 @@ gradient, which so costs no product of its own.
 import torch
 import torch.nn.functional as F
 
-from .chunking import chunk_delta_sq_norms, chunk_grams, clip_scales
+from .chunking import chunk_delta_sq_norms, chunk_grams, clip_scales, expand_chunk_values
 from .dual import block_score_grads, block_scores, dual_backward_chunk, dual_forward_chunk
 from .matmul import baddbmm_acc_, bmm_acc, linear_dtype, operand_dtype, without_autocast
 
@@ -52,8 +52,7 @@ class _Clip:
     def positions(self, start: int, end: int) -> torch.Tensor:
         """[B, end - start]: the factor of each position in [start, end), start a chunk start."""
         C = self.chunk_size
-        per_chunk = self.scales[:, start // C:-(-end // C)]
-        return per_chunk.repeat_interleave(C, dim=1)[:, :end - start]
+        return expand_chunk_values(self.scales[:, start // C:-(-end // C)], C, end - start)[..., 0]
 
     def chunk(self, q: int) -> torch.Tensor:
         """[B, 1, 1]: the factor of the chunk starting at q."""
