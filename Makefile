@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup
-	$(BIN)/moshi-ttt train
+	$(BIN)/moshi-ttt train --with-baseline
 
 test: setup
 	$(BIN)/python -m pytest

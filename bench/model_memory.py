@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     lm = loaders.get_moshi_lm(None, device="meta", dtype=torch.bfloat16)
     plain = {T: step_peak_gib(lm, T) for T in args.lengths}
-    apply_ttt(lm, TTTConfig(chunk_size=args.chunk_size, init="normal", init_std=0.02))
+    apply_ttt(lm, TTTConfig(chunk_size=args.chunk_size, init="normal", init_std=0.02, x0_source="input"))
     ttt = {T: step_peak_gib(lm, T) for T in args.lengths}
     results = [{"T": T, "plain_gib": plain[T], "ttt_gib": ttt[T], "ratio": ttt[T] / plain[T]} for T in args.lengths]
     env = environment(torch.device("meta"))

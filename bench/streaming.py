@@ -52,7 +52,7 @@ def main() -> None:
     runs = {}
     for batch in args.batch:
         runs[("plain", batch)] = step_times(lm, batch, args.steps)
-    apply_ttt(lm, TTTConfig(chunk_size=args.chunk_size, init="normal", init_std=0.02, eta=1e-3))
+    apply_ttt(lm, TTTConfig(chunk_size=args.chunk_size, init="normal", init_std=0.02, eta=1e-3, x0_source="input"))
     for batch in args.batch:
         runs[("ttt", batch)] = step_times(lm, batch, args.steps)
     os.environ["MOSHI_TTT_KERNELS"] = "1"

@@ -6,10 +6,10 @@ Written from DESIGN.md's equations alone, sharing no code with the package.
 import torch
 
 
-def reference_inplace_ttt(x, x0, w_in, w0, activation, conv, proj, chunk_size, eta, clip_tau=None):
+def reference_inplace_ttt(x, x0, w_in, w0, activation, conv, proj, chunk_size, eta, clip_tau=None, past=0):
     """Outputs [B, T, d] of In-Place TTT for every sample on its own.
 
-    x, x0: [B, T, d]; w_in: [2h, d]; w0: [d, h]; conv: [d, K]; proj: [d, d].
+    x, x0: [B, T, d]; w_in: [2h, d]; w0: [d, h]; conv: [d, K], tap k reading t+k-past; proj: [d, d].
     """
     x, x0, w_in, w0, conv, proj = (t.detach().double() for t in (x, x0, w_in, w0, conv, proj))
     B, T, d = x.shape
@@ -27,8 +27,9 @@ def reference_inplace_ttt(x, x0, w_in, w0, activation, conv, proj, chunk_size, e
             for t in range(start, end):
                 conv_out = torch.zeros(d, dtype=torch.float64)
                 for k in range(K):
-                    if t + k < start + chunk_size and t + k < T:
-                        conv_out += conv[:, k] * x0[b, t + k]
+                    source = t + k - past
+                    if start <= source < min(start + chunk_size, T):
+                        conv_out += conv[:, k] * x0[b, source]
                 targets[t - start] = proj @ conv_out
             delta = eta * targets.T @ z
             if clip_tau is not None:
@@ -43,4 +44,5 @@ def reference_for_layer(layer, x, x0):
     """The reference evaluated with an `InPlaceTTTGating`'s parameters and settings."""
     return reference_inplace_ttt(
         x, x0, layer.linear_in.weight, layer.linear_out.weight, layer.activation,
-        layer.ttt_target.conv, layer.ttt_target.proj.weight, layer.chunk_size, layer.eta, layer.clip_tau)
+        layer.ttt_target.conv, layer.ttt_target.proj.weight, layer.chunk_size, layer.eta, layer.clip_tau,
+        layer.kernel_past)

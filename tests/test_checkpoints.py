@@ -113,7 +113,7 @@ def test_loading_asks_for_what_it_needs(tmp_path):
         load_ttt_lm(tmp_path / "ttt", TTT, dtype=torch.float32)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_ttt_lm(tmp_path, TTT)
-    with pytest.raises(FileNotFoundError, match="expected a checkpoint directory"):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
         load_ttt_lm(tmp_path / "nowhere", TTT)
 
 
@@ -133,3 +133,12 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     after = {p.name: p.read_bytes() for p in (tmp_path / "ttt").iterdir()}
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ttt"]
+
+
+def test_a_mistyped_directory_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    from moshi_ttt.models import checkpoint_info
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for source in ("runs/nonexistent", str(tmp_path / "missing"), "missing", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
+            checkpoint_info(source)

@@ -30,11 +30,12 @@ def test_round_trips(tmp_path):
     (dict(init="zero"), r"ttt.init='zero': expected one of"),
     (dict(algorithm="chunked"), r"ttt.algorithm='chunked': expected one of \('auto', 'dual', 'scan'\)"),
     (dict(scan_block=0), r"ttt.scan_block=0: expected an integer >= 1"),
-    (dict(x0_source="audio"), r"ttt.x0_source='audio': expected one of \('input', 'text', 'hidden'\)"),
+    (dict(x0_source="audio"), r"ttt.x0_source='audio': expected one of \('input', 'text', 'user', 'text_user', 'hidden'\)"),
     (dict(layers=[]), r"ttt.layers=\[\]: expected a non-empty list"),
     (dict(layers=[1, 1]), r"ttt.layers=\[1, 1\]: a layer index is repeated"),
     (dict(layers=[-1]), r"ttt.layers\[...\]=-1"),
-    (dict(init="next_token", kernel_size=1), r"ttt.kernel_size=1: init 'next_token' needs kernel_size >= 2"),
+    (dict(init="next_token", kernel_size=1), r"ttt.kernel_size=1, kernel_past=0: init 'next_token' needs a tap"),
+    (dict(kernel_size=5, kernel_past=5), r"ttt.kernel_past=5: expected fewer taps on the past than kernel_size=5"),
 ])
 def test_bad_values_name_the_field(fields, match):
     with pytest.raises(ValueError, match=match):

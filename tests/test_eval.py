@@ -255,11 +255,11 @@ def test_eval_command_writes_results_and_a_report(model_dir, tmp_path):
                             "--long-audio", str(tmp_path / "long"), "--positions", "10", "40",
                             "--zerospeech", str(tmp_path / "zr"), "--tstorycloze", str(tmp_path / "tsc"),
                             "--diagnostics-frames", "40", "--device", "cpu", "--dtype", "float32"])
-    assert set(results["models"]) == {"ttt", "ttt (TTT off)"}
+    assert set(results["models"]) == {"ttt", "ttt (TTT off, same weights)"}
     assert set(results["benchmarks"]["ttt"]) == {"sWUGGY", "sBLIMP", "tStoryCloze"}
     assert results["activity"]["ttt"]["active"]
     summary = results["long_context"]["summary"]
-    assert set(summary) == {"ttt", "ttt (TTT off)"} and summary["ttt"]["documents"] == 2
+    assert set(summary) == {"ttt", "ttt (TTT off, same weights)"} and summary["ttt"]["documents"] == 2
     for name in ("loss_by_position.csv", "loss_by_position.json", "loss_by_position.png", "diagnostics.json",
                  "benchmarks.json", "results.json"):
         assert (out / name).is_file(), name
@@ -268,5 +268,40 @@ def test_eval_command_writes_results_and_a_report(model_dir, tmp_path):
                     "## TTT diagnostics", "loss_by_position.png", "diagnostics_ttt_transformer_layers_0_gating.png"):
         assert section in text, section
     assert (report / "loss_by_position.png").is_file()
-    curve = json.loads((out / "loss_by_position.json").read_text())["curves"]["ttt (TTT off)"]
+    curve = json.loads((out / "loss_by_position.json").read_text())["curves"]["ttt (TTT off, same weights)"]
     assert len(curve["audio_mean"]) == 63
+
+
+def test_eval_command_scores_recall_against_a_baseline(model_dir, tmp_path):
+    out, report = tmp_path / "out", tmp_path / "report"
+    plain = tmp_path / "plain"
+    results = eval_command(["--model", str(model_dir), "--model", f"baseline={plain}", "--out", str(out),
+                            "--report", str(report), "--recall", "--recall-facts", "2", "3",
+                            "--recall-frames", "40", "60", "--recall-spacing", "4", "--recall-documents", "2",
+                            "--device", "cpu", "--dtype", "float32"])
+    recall = results["recall"]
+    assert list(recall) == ["ttt", "ttt (TTT off, same weights)", "baseline"]
+    for summary in recall.values():
+        assert summary["questions"] == 2 * 2 * (2 + 3)
+        assert set(summary["by_facts"]) == {"2", "3"} and len(summary["by_group"]) == 4
+    for name in ("recall.json", "recall.csv", "recall.png", "results.json"):
+        assert (out / name).is_file(), name
+    text = (report / "report.md").read_text()
+    assert "## Recall of facts" in text and "recall.png" in text and (report / "recall.png").is_file()
+
+
+def test_eval_command_refuses_what_it_cannot_do(model_dir, tmp_path):
+    out = str(tmp_path / "out")
+    with pytest.raises(SystemExit, match="both get the label 'x'"):
+        eval_command(["--model", "x/final", "--model", "y/x/final", "--out", out, "--recall"])
+    with pytest.raises(SystemExit):
+        eval_command(["--model", str(model_dir), "--out", out])  # nothing to evaluate
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_labels(tmp_path):
+    from moshi_ttt.eval.command import model_labels
+    (tmp_path / "lr=3e-4" / "final").mkdir(parents=True)
+    path = str(tmp_path / "lr=3e-4" / "final")
+    assert model_labels([path, "base=runs/b/final", "runs/c"]) == [
+        ("lr=3e-4", path), ("base", "runs/b/final"), ("c", "runs/c")]

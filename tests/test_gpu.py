@@ -77,8 +77,9 @@ def run_lmgen(lm, user_codes, graphs: bool, reset_at: int | None = None):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lmgen_cuda_graphs_match_eager(dtype):
-    ttt = TTTConfig(every=2, chunk_size=8, init="normal", init_std=0.05, eta=0.05, clip_tau=1.0)
+@pytest.mark.parametrize("x0_source", ["input", "text_user"])  # text_user: X0 from embedding hooks in the graph
+def test_lmgen_cuda_graphs_match_eager(dtype, x0_source):
+    ttt = TTTConfig(every=2, chunk_size=8, init="normal", init_std=0.05, eta=0.05, clip_tau=1.0, x0_source=x0_source)
     lm = build_lm(tiny_lm_config(), ttt, device="cuda", dtype=dtype)
     g = torch.Generator().manual_seed(0)
     user_codes = torch.randint(0, lm.card, (2, lm.n_q - lm.dep_q, 60), generator=g).cuda()

@@ -13,11 +13,12 @@ C = 4
 
 
 @pytest.mark.parametrize("length", [3 * C, 3 * C + 2, C - 1], ids=["multiple", "ragged", "shorter"])
-@pytest.mark.parametrize("kernel_size", [1, 2, 3])
+@pytest.mark.parametrize("kernel_size,kernel_past", [(1, 0), (2, 0), (3, 0), (5, 2)])
 @pytest.mark.parametrize("clip_tau", [None, 0.05])
 @pytest.mark.parametrize("algorithm", ["dual", "scan"])
-def test_parallel_matches_reference(make_layer, length, kernel_size, clip_tau, algorithm):
-    layer = make_layer(chunk_size=C, kernel_size=kernel_size, clip_tau=clip_tau, algorithm=algorithm)
+def test_parallel_matches_reference(make_layer, length, kernel_size, kernel_past, clip_tau, algorithm):
+    layer = make_layer(chunk_size=C, kernel_size=kernel_size, kernel_past=kernel_past, clip_tau=clip_tau,
+                       algorithm=algorithm)
     x, x0 = random_inputs(3, length, layer.dim)
     out = layer(x, x0)
     ref = reference_for_layer(layer, x, x0)
@@ -48,8 +49,10 @@ def test_float32_layer_matches_reference(make_layer, algorithm):
 @pytest.mark.parametrize("step_sizes", [[1], [3], [C + 1], [2, 5, 1, 7], [3 * C]], ids=str)
 @pytest.mark.parametrize("clip_tau", [None, 0.05])
 @pytest.mark.parametrize("algorithm", ["dual", "scan"])
-def test_streaming_matches_parallel(make_layer, step_sizes, clip_tau, algorithm):
-    layer = make_layer(chunk_size=C, kernel_size=3, clip_tau=clip_tau, algorithm=algorithm)
+@pytest.mark.parametrize("kernel_size,kernel_past", [(3, 0), (5, 2), (3, 2)])
+def test_streaming_matches_parallel(make_layer, step_sizes, clip_tau, algorithm, kernel_size, kernel_past):
+    layer = make_layer(chunk_size=C, kernel_size=kernel_size, kernel_past=kernel_past, clip_tau=clip_tau,
+                       algorithm=algorithm)
     x, x0 = random_inputs(3, 5 * C + 3, layer.dim)
     torch.testing.assert_close(stream(layer, x, x0, step_sizes), layer(x, x0), rtol=1e-10, atol=1e-10)
 

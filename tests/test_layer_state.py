@@ -10,8 +10,9 @@ C = 4
 
 @pytest.mark.parametrize("p", [1, C - 1, C, 2 * C + 2])
 @pytest.mark.parametrize("which", ["hidden", "embeddings", "both"])
-def test_parallel_is_causal(make_layer, p, which):
-    layer = make_layer(chunk_size=C, kernel_size=3, clip_tau=0.05)
+@pytest.mark.parametrize("kernel_size,kernel_past", [(3, 0), (5, 2)])
+def test_parallel_is_causal(make_layer, p, which, kernel_size, kernel_past):
+    layer = make_layer(chunk_size=C, kernel_size=kernel_size, kernel_past=kernel_past, clip_tau=0.05)
     x, x0 = random_inputs(2, 4 * C, layer.dim)
     base = layer(x, x0)
     x2, x02 = x.clone(), x0.clone()
@@ -22,6 +23,17 @@ def test_parallel_is_causal(make_layer, p, which):
     moved = layer(x2, x02)
     assert torch.equal(moved[:, :p], base[:, :p])
     assert not torch.allclose(moved[:, p:], base[:, p:])
+
+
+def test_a_conv_on_the_past_reads_nothing_before_its_chunk(make_layer):
+    """With taps on the past, the embeddings of one chunk never reach another chunk's update."""
+    layer = make_layer(chunk_size=C, kernel_size=5, kernel_past=2)
+    x, x0 = random_inputs(1, 3 * C, layer.dim)
+    v = layer.ttt_target(x0, C)
+    x02 = x0.clone()
+    x02[:, :C] += 1.0  # the first chunk only
+    v2 = layer.ttt_target(x02, C)
+    assert torch.equal(v2[:, C:], v[:, C:]) and not torch.allclose(v2[:, :C], v[:, :C])
 
 
 def test_embedding_change_reaches_only_later_chunks(make_layer):

@@ -47,7 +47,7 @@ def test_active_ttt_changes_only_later_chunks_and_can_be_switched_off():
     assert torch.equal(logits_of(ttt, codes)[0], plain_text)
 
 
-@pytest.mark.parametrize("x0_source", ["input", "text", "hidden"])
+@pytest.mark.parametrize("x0_source", ["input", "text", "user", "text_user", "hidden"])
 def test_streaming_forward_text_matches_full_sequence(x0_source):
     lm = build_lm(tiny_lm_config(), TTTConfig(**ACTIVE, x0_source=x0_source))
     sequence = random_codes(lm, 2, 4 * C + 3)
@@ -61,9 +61,25 @@ def test_streaming_forward_text_matches_full_sequence(x0_source):
 
 def test_x0_sources_differ():
     codes = random_codes(build_lm(tiny_lm_config()), 1, 3 * C)
-    outs = [build_lm(tiny_lm_config(), TTTConfig(**ACTIVE, x0_source=s)).forward_text(codes)[0]
-            for s in ("input", "text", "hidden")]
-    assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])
+    sources = ("input", "text", "user", "text_user", "hidden")
+    outs = [build_lm(tiny_lm_config(), TTTConfig(**ACTIVE, x0_source=s)).forward_text(codes)[0] for s in sources]
+    for i in range(len(outs)):
+        for j in range(i):
+            assert not torch.allclose(outs[i], outs[j]), (sources[i], sources[j])
+
+
+@pytest.mark.parametrize("x0_source,streams", [("text", [0]), ("user", [3, 4]), ("text_user", [0, 3, 4]),
+                                               ("input", [0, 1, 2, 3, 4])])
+def test_x0_is_the_sum_of_the_chosen_streams_embeddings(x0_source, streams):
+    lm = build_lm(tiny_lm_config(), TTTConfig(**ACTIVE, x0_source=x0_source))
+    codes = random_codes(lm, 2, 2 * C)
+    seen = []
+    _, layer = ttt_layers(lm)[0]
+    hook = layer.register_forward_pre_hook(lambda m, args: seen.append(args[1]))
+    lm.forward_text(codes)
+    hook.remove()
+    embeddings = [lm.text_emb(codes[:, 0])] + [lm.emb[k](codes[:, 1 + k]) for k in range(lm.num_audio_codebooks)]
+    torch.testing.assert_close(seen[0], sum(embeddings[s] for s in streams))
 
 
 @pytest.mark.parametrize("p", [C - 1, 2 * C + 3])
@@ -103,8 +119,10 @@ def test_reset_one_conversation(reset_at):
 
 
 def test_lmgen_streams_like_the_parallel_path():
-    """A few hundred LMGen steps; the transformer inputs it made, replayed in parallel, agree."""
-    lm = build_lm(tiny_lm_config(), TTTConfig(**ACTIVE, clip_tau=1.0))
+    """A few hundred LMGen steps; the transformer inputs it made, replayed in parallel, agree.
+
+    X0 is the transformer's input here, so that the replay through the transformer alone has it."""
+    lm = build_lm(tiny_lm_config(), TTTConfig(**ACTIVE, clip_tau=1.0, x0_source="input"))
     gen = LMGen(lm, temp=0.8, temp_text=0.7)
     recorded = []
     hook = lm.transformer.register_forward_hook(lambda m, a, out: recorded.append((a[0], out)))
@@ -194,3 +212,9 @@ def test_packed_documents_in_the_model():
     assert len(records) == len(ttt_layers(lm)) and all(torch.equal(r, segments) for r in records)
     lm(codes)
     assert records[-1] is None
+
+
+def test_user_sources_need_a_user_stream():
+    for source in ("user", "text_user"):
+        with pytest.raises(ValueError, match=f"x0_source='{source}': this model has no user audio stream"):
+            build_lm(tiny_lm_config(n_q=2, dep_q=2, delays=[0, 0, 1]), TTTConfig(**ACTIVE, x0_source=source))

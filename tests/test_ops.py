@@ -6,40 +6,43 @@ import torch
 from moshi_ttt.ops import chunked_future_conv, future_conv_targets
 
 
-def loop_conv(x0, weight, chunk_size):
-    """out[t] = sum_k weight[:, k] * x0[t + k], for t + k inside t's chunk."""
+def loop_conv(x0, weight, chunk_size, past=0):
+    """out[t] = sum_k weight[:, k] * x0[t + k - past], for t + k - past inside t's chunk."""
     B, T, D = x0.shape
     out = torch.zeros(B, T, D, dtype=torch.float64)
     for t in range(T):
-        chunk_end = min((t // chunk_size + 1) * chunk_size, T)
+        chunk_start = t // chunk_size * chunk_size
+        chunk_end = min(chunk_start + chunk_size, T)
         for k in range(weight.shape[1]):
-            if t + k < chunk_end:
-                out[:, t] += weight[:, k].double() * x0[:, t + k].double()
+            if chunk_start <= t + k - past < chunk_end:
+                out[:, t] += weight[:, k].double() * x0[:, t + k - past].double()
     return out
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 4, 11])
-@pytest.mark.parametrize("kernel_size", [1, 2, 3, 5])
+@pytest.mark.parametrize("kernel_size,past", [(1, 0), (2, 0), (3, 0), (5, 0), (2, 1), (5, 2), (3, 2)])
 @pytest.mark.parametrize("length", [1, 7, 24, 29])
-def test_conv_equals_loop(chunk_size, kernel_size, length):
+def test_conv_equals_loop(chunk_size, kernel_size, past, length):
     g = torch.Generator().manual_seed(length)
     x0 = torch.randn(2, length, 5, dtype=torch.float64, generator=g)
     weight = torch.randn(5, kernel_size, dtype=torch.float64, generator=g)
-    torch.testing.assert_close(chunked_future_conv(x0, weight, chunk_size), loop_conv(x0, weight, chunk_size))
+    torch.testing.assert_close(chunked_future_conv(x0, weight, chunk_size, past),
+                               loop_conv(x0, weight, chunk_size, past))
 
 
-@pytest.mark.parametrize("chunk_size, kernel_size, length", [(3, 2, 20), (4, 3, 19), (2, 4, 9)])
-def test_targets_gradcheck(chunk_size, kernel_size, length):
+@pytest.mark.parametrize("chunk_size, kernel_size, past, length",
+                         [(3, 2, 0, 20), (4, 3, 0, 19), (2, 4, 0, 9), (4, 5, 2, 19), (3, 2, 1, 10)])
+def test_targets_gradcheck(chunk_size, kernel_size, past, length):
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(2, length, 3, dtype=torch.float64, generator=g, requires_grad=True)
     conv = torch.randn(3, kernel_size, dtype=torch.float64, generator=g, requires_grad=True)
     proj = torch.randn(3, 3, dtype=torch.float64, generator=g, requires_grad=True)
-    expected = loop_conv(x0, conv, chunk_size) @ proj.T
-    torch.testing.assert_close(future_conv_targets(x0, conv, proj, chunk_size), expected)
-    assert torch.autograd.gradcheck(lambda *a: future_conv_targets(*a, chunk_size), (x0, conv, proj))
+    expected = loop_conv(x0, conv, chunk_size, past) @ proj.T
+    torch.testing.assert_close(future_conv_targets(x0, conv, proj, chunk_size, past), expected)
+    assert torch.autograd.gradcheck(lambda *a: future_conv_targets(*a, chunk_size, past), (x0, conv, proj))
     # The embeddings need no gradient when frozen.
     conv.grad = None
-    future_conv_targets(x0.detach(), conv, proj, chunk_size).sum().backward()
+    future_conv_targets(x0.detach(), conv, proj, chunk_size, past).sum().backward()
     assert conv.grad is not None
 
 

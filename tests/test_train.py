@@ -11,14 +11,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from moshi_ttt import TTTConfig, build_lm, tiny_lm_config
+from moshi_ttt import TTTConfig, build_lm, tiny_lm_config, ttt_layers
 from moshi_ttt.train import TrainConfig, train
 from moshi_ttt.train import checkpointing, trainer
 from moshi_ttt.train.modes import apply_mode
 
 SMALL = {"max_steps": 8, "batch_size": 2, "seq_frames": 96, "log_freq": 1, "ckpt_freq": 4,
+         "mode": "ttt_layers", "optim": {"lr": 1e-3},
          "ttt": {"every": 2, "chunk_size": 32, "init": "normal", "init_std": 0.05, "eta": 0.05},
-         "data": {"synthetic": {"num_documents": 16, "frames": 64, "pairs": 3}}}
+         "eval_documents": 4, "data": {"synthetic": {"num_documents": 16, "frames": 64, "pairs": 3, "spacing": 8}}}
 
 
 def config(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
@@ -134,7 +135,7 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     ({"optim": {"lr": -1.0}}, r"optim.lr=-1.0: expected a finite number > 0"),
     ({"mode": "partial"}, r"mode='partial': expected one of"),
     ({"data": {"source": "codes"}}, r"data.train_data is required for data.source='codes'"),
-    ({"duration_sec": 10.0}, r"give exactly one of the two"),
+    ({"duration_sec": 10.0, "seq_frames": 96}, r"give at most one of the two"),
     ({"ttt": {"chunk_size": 0}}, r"ttt: ttt.chunk_size=0"),
     ({"data": {"synthetic": {"frames": 10}}}, None),
 ])
@@ -142,7 +143,8 @@ def test_bad_config_names_the_field(data, match):
     if match is None:
         from moshi_ttt.train.synthetic import SyntheticDocuments
         with pytest.raises(ValueError, match=r"data.synthetic.frames=10: too short"):
-            SyntheticDocuments(4, 10, 6, num_codebooks=5, dep_q=2, card=64, text_card=120, text_padding_id=3)
+            SyntheticDocuments(4, 10, 6, num_codebooks=5, dep_q=2, card=64, text_card=120, text_padding_id=3,
+                               spacing=16)
         return
     with pytest.raises(ValueError, match=match):
         TrainConfig.from_dict(data)
@@ -157,3 +159,133 @@ def test_config_files(tmp_path):
     run = config(tmp_path)
     (tmp_path / "good.yaml").write_text(run.to_yaml())
     assert TrainConfig.load(tmp_path / "good.yaml") == run
+
+
+def test_a_partial_ttt_section_keeps_the_run_defaults():
+    default = TrainConfig().ttt
+    changed = TrainConfig.from_dict({"ttt": {"eta": 0.1}}).ttt
+    assert changed.eta == 0.1
+    assert {k: v for k, v in changed.to_dict().items() if k != "eta"} == \
+        {k: v for k, v in default.to_dict().items() if k != "eta"}
+    assert (changed.every, changed.chunk_size) == (default.every, default.chunk_size)
+    every = TrainConfig.from_dict({"ttt": {"every": 2}}).ttt
+    assert every.layers is None and every.layer_indices(4) == [0, 2] and every.eta == default.eta
+    nested = TrainConfig.from_dict({"data": {"synthetic": {"pairs": 3}}})
+    assert nested.data.synthetic.pairs == 3 and nested.data.synthetic.frames == TrainConfig().data.synthetic.frames
+
+
+def test_the_command_line_reads_numbers_as_yaml_1_1_does_not(tmp_path, monkeypatch):
+    from moshi_ttt.train import command
+    seen = {}
+    monkeypatch.setattr(trainer, "train", lambda config, **kwargs: seen.setdefault("config", config))
+    (tmp_path / "run.yaml").write_text("optim:\n  lr: 2e-6\n")
+    command.train_command(["--config", str(tmp_path / "run.yaml"), "--set", "ttt.eta=0.25",
+                           "--set", "optim.weight_decay=1e-2"])
+    config = seen["config"]
+    assert config.optim.lr == 2e-6 and config.optim.weight_decay == 1e-2
+    assert config.ttt.eta == 0.25 and config.ttt.chunk_size == TrainConfig().ttt.chunk_size
+    with pytest.raises(ValueError, match=r"optim.lr='fast': expected a finite number"):
+        TrainConfig.from_dict({"optim": {"lr": "fast"}})
+
+
+def test_the_baseline_trains_the_same_run_without_ttt(tmp_path):
+    run = config(tmp_path, "base", max_steps=2, ckpt_freq=2, baseline=True)
+    lm = trainer.build_model(run, torch.device("cpu"))
+    assert ttt_layers(lm) == [] and not any(".ttt_target." in n for n, _ in lm.named_parameters())
+    apply_mode(lm, run.mode, layers=run.ttt.layer_indices(len(lm.transformer.layers)))
+    trainable = {n for n, p in lm.named_parameters() if p.requires_grad}
+    with_ttt = trainer.build_model(config(tmp_path, "ttt"), torch.device("cpu"))
+    apply_mode(with_ttt, "ttt_layers")
+    same = {n for n, p in with_ttt.named_parameters() if p.requires_grad and ".ttt_target." not in n}
+    assert trainable == same
+    # The same initial weights as its TTT run.
+    ttt_state = with_ttt.state_dict()
+    assert all(torch.equal(v, ttt_state[k]) for k, v in lm.state_dict().items())
+    result = train(run)
+    assert set(result["recall"]) == {"baseline trained without TTT"}
+    final = tmp_path / "base" / "final"
+    assert not (final / "ttt.safetensors").exists()
+    # A plain Moshi checkpoint: moshi's loader reads it, and load_ttt_lm converts it (the retrofit path).
+    from moshi_ttt import load_ttt_lm
+    from moshi_ttt.models import load_moshi_lm
+    plain = load_moshi_lm(final, dtype=torch.float32)
+    converted = load_ttt_lm(final, TTTConfig(every=2, chunk_size=32), dtype=torch.float32)
+    assert len(ttt_layers(converted)) == 2 and not ttt_layers(plain)
+    with pytest.raises(ValueError, match="baseline=true with mode='ttt'"):
+        config(tmp_path, mode="ttt", baseline=True)
+
+
+def test_with_baseline_compares_both_runs(tmp_path, capsys):
+    run = config(tmp_path, max_steps=2, ckpt_freq=2, eval_freq=1, eval_documents=2)
+    result = trainer.train_with_baseline(run)
+    assert set(result["recall"]) == {"TTT", "same weights, TTT off (diagnostic)", "baseline trained without TTT"}
+    recall = json.loads((tmp_path / "run" / "recall" / "recall.json").read_text())
+    assert set(recall) == set(result["recall"])
+    assert (tmp_path / "run" / "recall" / "recall.png").is_file()
+    assert (tmp_path / "run" / "baseline" / "final" / "model.safetensors").is_file()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in logged if "recall/accuracy" in e] == [1, 2]
+    out = capsys.readouterr().out
+    assert "baseline trained without TTT" in out and "chance 1/56" in out
+
+
+def test_eta_warms_up_then_stays(tmp_path):
+    assert [trainer.eta_at(0.5, 4, s) for s in range(6)] == [0.125, 0.25, 0.375, 0.5, 0.5, 0.5]
+    assert trainer.eta_at(0.5, 0, 0) == 0.5
+    run = config(tmp_path, max_steps=3, ckpt_freq=3, eta_warmup_steps=2)
+    train(run)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e.get("ttt_eta") for e in logged] == [0.025, 0.05, None]
+    from moshi_ttt import load_ttt_lm
+    saved = load_ttt_lm(tmp_path / "run" / "final", dtype=torch.float32)
+    assert all(layer.eta == 0.05 for _, layer in ttt_layers(saved))
+
+
+def test_rows_hold_one_synthetic_document_unless_told():
+    assert TrainConfig().frames == TrainConfig().data.synthetic.frames
+    assert TrainConfig.from_dict({"data": {"synthetic": {"frames": 300}}}).frames == 300
+    assert TrainConfig.from_dict({"duration_sec": 100}).frames == 1250
+    assert TrainConfig.from_dict({"seq_frames": 64}).frames == 64
+    assert TrainConfig.from_dict({"data": {"source": "codes", "train_data": "x"}}).frames == 256
+
+
+def test_the_tiny_model_settings_merge_and_stay_with_the_tiny_model():
+    assert TrainConfig().tiny == {"context": 16}
+    assert TrainConfig.from_dict({"tiny": {"num_layers": 2}}).tiny == {"context": 16, "num_layers": 2}
+    assert TrainConfig.from_dict({"model": "runs/x/final"}).tiny == {}
+    with pytest.raises(ValueError, match=r"tiny=\{'context': 8\} changes the built-in tiny model"):
+        TrainConfig.from_dict({"model": "runs/x/final", "tiny": {"context": 8}})
+    with pytest.raises(ValueError, match=r"unknown tiny model key\(s\) \['contxt'\]"):
+        TrainConfig.from_dict({"tiny": {"contxt": 8}})
+
+
+def test_a_checkpoint_starts_from_the_library_defaults_not_the_tiny_recipe():
+    config = TrainConfig.from_dict({"model": "kyutai/moshiko-pytorch-bf16", "ttt": {"chunk_size": 256}})
+    expected = TTTConfig(chunk_size=256)
+    assert config.ttt == expected and config.mode == "ttt_layers" and config.optim.lr == 2e-6
+    assert TrainConfig.from_dict({"model": "kyutai/moshiko-pytorch-bf16", "mode": "lora"}).mode == "lora"
+    tiny = TrainConfig.from_dict({"ttt": {"chunk_size": 16}})
+    assert tiny.ttt.layers == TrainConfig().ttt.layers and tiny.mode == "full"
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    run = config(tmp_path, max_steps=4, ckpt_freq=2)
+    train(run, stop_after=2)
+    changed = config(tmp_path, max_steps=4, ckpt_freq=2, optim={"lr": 0.01})
+    with pytest.raises(ValueError, match=r"--resume: the run in .* was started with other settings "
+                                         r"\(optim.lr: 0.001 -> 0.01\)"):
+        train(changed, resume=True)
+    assert train(config(tmp_path, max_steps=4, ckpt_freq=1, log_freq=2), resume=True)["losses"]
+
+
+def test_configs_round_trip_through_their_yaml():
+    for data in ({}, {"model": "runs/x/final"}, {"model": "runs/x/final", "ttt": {"every": 3}},
+                 {"ttt": {"layers": [1, 2]}}, {"tiny": {"num_layers": 2}}, {"optim": {"lr": "2e-4"}}):
+        built = TrainConfig.from_dict(data)
+        assert TrainConfig.from_dict(yaml.safe_load(built.to_yaml())) == built, data
+    direct = TrainConfig(model="runs/x/final")
+    assert direct.tiny == {} and TrainConfig.from_dict(yaml.safe_load(direct.to_yaml())).tiny == {}
+    with pytest.raises(ValueError, match=r"ttt.layers=\[0\] with ttt.start=0, ttt.every=2"):
+        TrainConfig.from_dict({"ttt": {"layers": [0], "every": 2}})
+    with pytest.raises(ValueError, match=r"model=None: expected 'tiny'"):
+        TrainConfig.from_dict({"model": None})

@@ -26,7 +26,8 @@ def smoke(argv: list[str]) -> dict:
     parser.add_argument("--out", type=Path, default=Path("runs/smoke"), help="where summary.json goes")
     args = parser.parse_args(argv)
 
-    ttt = TTTConfig(every=2, chunk_size=args.chunk_size, init="normal", init_std=0.05, eta=0.05)
+    # X0 is the transformer input, so that the replay through the transformer alone has it.
+    ttt = TTTConfig(every=2, chunk_size=args.chunk_size, init="normal", init_std=0.05, eta=0.05, x0_source="input")
     lm = build_lm(tiny_lm_config(), ttt, seed=args.seed)
     gen = LMGen(lm, temp=0.8, temp_text=0.7)
     recorded: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -1,7 +1,10 @@
-"""`moshi-ttt eval`: loss against position, spoken-LM benchmarks, TTT diagnostics, a report.
+"""`moshi-ttt eval`: recall of facts, loss against position, spoken-LM benchmarks, TTT
+diagnostics, a report.
 
-Every TTT model is also evaluated with TTT switched off (the same weights as a
-plain Moshi), so each number has its baseline beside it.
+Every TTT model is also evaluated with TTT switched off (the same weights as a plain
+Moshi). That is a diagnostic of how much the model leans on its fast weights, not a
+baseline: a model trained with TTT breaks without it. The baseline is a model trained
+the same way without TTT (`moshi-ttt train --set baseline=true`), given as another --model.
 """
 
 import argparse
@@ -13,17 +16,38 @@ from pathlib import Path
 import torch
 
 from ..models import checkpoint_info, load_ttt_lm, set_ttt_enabled, ttt_layers
+from ..train.config import SyntheticConfig
 from ..utils.atomic import atomic_file
 
 
-def eval_command(argv: list[str]) -> dict[str, tp.Any]:
+def eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moshi-ttt eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", required=True,
-                        help="a TTT (or plain) Moshi checkpoint directory or HF repo; repeat to compare")
+    parser.add_argument("--model", action="append", required=True, metavar="[LABEL=]PATH",
+                        help="a TTT (or plain) Moshi checkpoint directory or HF repo, optionally labelled; "
+                             "repeat to compare (default label: the directory's name, its parent's for 'final')")
     parser.add_argument("--out", type=Path, required=True, help="directory for the results (CSV, JSON, PNG)")
     parser.add_argument("--report", type=Path, help="directory for a Markdown report of everything")
-    parser.add_argument("--no-ttt-off", action="store_true", help="skip the TTT-off baseline of TTT models")
+    parser.add_argument("--no-ttt-off", action="store_true",
+                        help="skip the TTT-off diagnostic (same weights, TTT switched off) of TTT models")
+    recall = parser.add_argument_group("recall of facts (held-out synthetic documents)")
+    recall.add_argument("--recall", action="store_true", help="score recall of stated facts")
+    task = SyntheticConfig()  # the training defaults: the held-out documents of `moshi-ttt train`'s kind
+    recall.add_argument("--recall-facts", type=int, nargs="+", default=[task.pairs], metavar="N",
+                        help="facts per document; several values make several sets")
+    recall.add_argument("--recall-frames", type=int, nargs="+", default=[task.frames], metavar="T",
+                        help="frames per document: more frames, more filler between facts and questions")
+    recall.add_argument("--recall-spacing", type=int, default=task.spacing,
+                        help="frames between statements (and questions)")
+    recall.add_argument("--recall-speaker", choices=["text", "user"], default=task.speaker,
+                        help="who states the facts: the text stream, or the user's audio")
+    recall.add_argument("--recall-audio", choices=["noise", "silence"], default=task.audio,
+                        help="the audio codebooks that say no fact")
+    recall.add_argument("--recall-documents", type=int, default=128, help="documents per set")
+    recall.add_argument("--recall-seed", type=int, default=0, help="seed of the held-out documents")
+    recall.add_argument("--recall-codes", type=Path, metavar="DIR",
+                        help="instead: .npy code documents with their facts in DIR/facts.json "
+                             "(see moshi_ttt.eval.recall.code_recall_set)")
     long = parser.add_argument_group("loss against position")
     long.add_argument("--long-audio", type=Path, nargs="*", default=[], help="long audio files or directories")
     long.add_argument("--long-codes", type=Path, help="a directory of pre-tokenised .npy documents")
@@ -49,8 +73,43 @@ def eval_command(argv: list[str]) -> dict[str, tp.Any]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
                         choices=["bfloat16", "float32"])
+    return parser
+
+
+def eval_command(argv: list[str]) -> dict[str, tp.Any]:
+    parser = eval_parser()
     args = parser.parse_args(argv)
+    args.labels = model_labels(args.model)
+    for name in ("recall_documents", "recall_spacing", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: expected an integer >= 1")
+    args.recall = args.recall or args.recall_codes is not None
+    if not (args.recall or args.long_audio or args.long_codes or args.zerospeech or args.sstorycloze
+            or args.tstorycloze):
+        parser.error("nothing to evaluate: give --recall, --long-audio, --long-codes, --zerospeech, "
+                     "--sstorycloze or --tstorycloze")
+    if args.diagnostics_frames and not (args.long_audio or args.long_codes):
+        parser.error("--diagnostics-frames runs on the long documents: give --long-audio or --long-codes")
     return run_eval(args)
+
+
+def model_labels(sources: list[str]) -> list[tuple[str, str]]:
+    """(label, source) of each --model [LABEL=]PATH; labels must differ."""
+    labelled = []
+    for given in sources:
+        label, sep, source = given.partition("=")
+        if not sep or "/" in label or Path(given).exists():  # a path with "=" in it is still a path
+            path = Path(given)
+            label = (path.parent.name if path.name == "final" and path.parent.name else path.name) or given
+            source = given
+        labelled.append((label, source))
+    seen: dict[str, str] = {}
+    for label, source in labelled:
+        if label in seen:
+            raise SystemExit(f"--model: {seen[label]} and {source} both get the label {label!r}; "
+                             f"name them, e.g. --model ttt={seen[label]} --model baseline={source}")
+        seen[label] = source
+    return labelled
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, tp.Any]:
@@ -66,17 +125,21 @@ def run_eval(args: argparse.Namespace) -> dict[str, tp.Any]:
         "models": {}, "benchmarks": {}, "activity": {}, "diagnostics": {}}
     benchmarks = _benchmark_pairs(args, zerospeech_pairs, storycloze_pairs)
     curves, plots, context, chunk_sizes = [], [], None, {}
-    for source in args.model:
+    recall_results: dict[str, dict[str, tp.Any]] = {}
+    for name, source in args.labels:
         lm, info = _load(source, args.device, dtype)
-        name = Path(str(source)).name or str(source)
         tokenizer = _audio_tokenizer(info, lm, args) if (benchmarks or args.long_audio) else None
         documents = _documents(args, lm, tokenizer)
         context = lm.transformer.layers[0].self_attn.context
+        recall_sets = _recall_sets(args, lm) if args.recall else []
         has_ttt = bool(ttt_layers(lm))
-        variants = [(name, True)] + ([(f"{name} (TTT off)", False)] if has_ttt and not args.no_ttt_off else [])
+        variants = [(name, True)] + ([(f"{name} (TTT off, same weights)", False)]
+                                     if has_ttt and not args.no_ttt_off else [])
         for label, enabled in variants:
             results["models"][label] = str(source)
             set_ttt_enabled(lm, enabled)
+            if recall_sets:
+                recall_results[label] = _recall(lm, recall_sets, context, args.batch_size)
             if documents:
                 window = 1 if args.engine == "stream" else (args.window or _default_window(lm, context))
                 curve = evaluate_documents(lm, documents, label, window=window, batch_size=args.batch_size,
@@ -93,6 +156,11 @@ def run_eval(args: argparse.Namespace) -> dict[str, tp.Any]:
                 chunk_sizes[label] = lm.ttt_config.chunk_size
         set_ttt_enabled(lm, True)
         del lm
+    if recall_results:
+        from .recall import verdict, write_recall
+        results["recall"] = recall_results
+        plots += write_recall(recall_results, args.out)
+        print(verdict(recall_results, "recall of facts on held-out documents:"))
     if curves:
         results["long_context"] = write_curves(curves, args.out, positions=args.positions, context=context)
         plots.append(args.out / "loss_by_position.png")
@@ -111,6 +179,23 @@ def run_eval(args: argparse.Namespace) -> dict[str, tp.Any]:
     if args.report is not None:
         print(f"report written to {write_report(args.report, results, plots)}")
     return results
+
+
+def _recall_sets(args, lm) -> list:
+    from .recall import code_recall_set, synthetic_recall_set
+    if args.recall_codes is not None:
+        return [code_recall_set(args.recall_codes, lm.num_codebooks)]
+    return [synthetic_recall_set(lm, documents=args.recall_documents, frames=frames, pairs=pairs,
+                                 spacing=args.recall_spacing, speaker=args.recall_speaker, audio=args.recall_audio,
+                                 seed=args.recall_seed)
+            for pairs in args.recall_facts for frames in args.recall_frames]
+
+
+def _recall(lm, recall_sets: list, context: int | None, batch_size: int) -> dict[str, tp.Any]:
+    from .recall import answer_questions, summarize
+    answers = [a for s in recall_sets for a in answer_questions(lm, s, batch_size=batch_size)]
+    return summarize(answers, num_values=recall_sets[0].num_values, context=context,
+                     receptive_field=context * len(lm.transformer.layers) if context else None)
 
 
 def _load(source: str, device: str, dtype: torch.dtype):

@@ -1,5 +1,8 @@
 """Loss against position on long audio: does the model get better the more it has heard?
 
+Both streams are scored: the model's audio codebooks and its text (where a memory of
+stated facts shows, in the synthetic task).
+
 Each document is teacher-forced as Moshi's own stream (the user's stream silent,
 the text stream padding, unless the codes say otherwise), one stream per batch
 row, through `position_losses`. The losses are averaged over documents position
@@ -44,7 +47,14 @@ class PositionCurve:
         x = np.nonzero(valid)[0]
         slope = float(np.polyfit(x, audio[x], 1)[0] * 1000) if len(x) > 1 else float("nan")
         quarter = max(1, len(x) // 4)
+        text = self.losses[0]
+        t = np.nonzero(~np.isnan(text))[0]
+        text_quarter = max(1, len(t) // 4)
         return {
+            "text_loss_at": {str(p): float(text[p]) for p in positions if p < len(text) and not np.isnan(text[p])},
+            "text_loss_mean": float(text[t].mean()) if len(t) else float("nan"),
+            "text_early_quarter_mean": float(text[t[:text_quarter]].mean()) if len(t) else float("nan"),
+            "text_late_quarter_mean": float(text[t[-text_quarter:]].mean()) if len(t) else float("nan"),
             "audio_loss_at": at,
             "audio_loss_mean": float(audio[x].mean()) if len(x) else float("nan"),
             "slope_per_1000_frames": slope,
@@ -121,21 +131,22 @@ def plot_curves(curves: list[PositionCurve], path: Path, *, context: int | None,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for c in curves:
-        audio = c.audio
-        x = np.nonzero(~np.isnan(audio))[0]
-        if not len(x):
-            continue
-        kernel = np.ones(min(smooth, len(x))) / min(smooth, len(x))
-        ax.plot(x[:len(x) - len(kernel) + 1] + len(kernel) // 2, np.convolve(audio[x], kernel, mode="valid"),
-                label=c.name)
-    if context is not None:
-        ax.axvline(context, color="black", linestyle="--", linewidth=1, label=f"attention context ({context})")
-    ax.set_xlabel("position (frames, 12.5 per second)")
-    ax.set_ylabel(f"audio cross-entropy (moving average of {smooth})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    for ax, stream in zip(axes, ("audio", "text")):
+        for c in curves:
+            values = c.audio if stream == "audio" else c.losses[0]
+            x = np.nonzero(~np.isnan(values))[0]
+            if not len(x):
+                continue
+            kernel = np.ones(min(smooth, len(x))) / min(smooth, len(x))
+            ax.plot(x[:len(x) - len(kernel) + 1] + len(kernel) // 2, np.convolve(values[x], kernel, mode="valid"),
+                    label=c.name)
+        if context is not None:
+            ax.axvline(context, color="black", linestyle="--", linewidth=1, label=f"attention context ({context})")
+        ax.set_ylabel(f"{stream} cross-entropy\n(moving average of {smooth})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[-1].set_xlabel("position (frames, 12.5 per second)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -16,6 +16,10 @@ def write_report(directory: Path, results: dict[str, tp.Any], plots: list[Path])
     lines = ["# moshi-ttt evaluation", "", f"{results['environment']}", ""]
     lines += ["Models: " + ", ".join(f"`{name}` ({source})" for name, source in results["models"].items()), ""]
 
+    recall = results.get("recall")
+    if recall:
+        lines += _recall_section(recall)
+
     benchmarks = results.get("benchmarks", {})
     if benchmarks:
         names = sorted({b for per_model in benchmarks.values() for b in per_model})
@@ -54,7 +58,16 @@ def write_report(directory: Path, results: dict[str, tp.Any], plots: list[Path])
             rows.append([model] + [f"{at[str(p)]:.3f}" if str(p) in at else "-" for p in positions]
                         + [f"{s['slope_per_1000_frames']:.4f}", f"{s['early_quarter_mean']:.3f}",
                            f"{s['late_quarter_mean']:.3f}", str(s["documents"])])
-        lines += _table(header, rows) + ["", "![loss by position](loss_by_position.png)", ""]
+        lines += _table(header, rows)
+        lines += ["", "Text cross-entropy (the text stream; padding included):", ""]
+        rows = []
+        for model, s in long_context["summary"].items():
+            at = s.get("text_loss_at", {})
+            rows.append([model] + [f"{at[str(p)]:.3f}" if str(p) in at else "-" for p in positions]
+                        + [f"{s['text_loss_mean']:.3f}", f"{s['text_early_quarter_mean']:.3f}",
+                           f"{s['text_late_quarter_mean']:.3f}"])
+        lines += _table(["model"] + [f"@{p}" for p in positions] + ["mean", "early", "late"], rows)
+        lines += ["", "![loss by position](loss_by_position.png)", ""]
 
     activity = results.get("activity")
     if activity:
@@ -84,6 +97,32 @@ def write_report(directory: Path, results: dict[str, tp.Any], plots: list[Path])
     with atomic_file(path) as tmp:
         tmp.write_text("\n".join(lines))
     return path
+
+
+def _recall_section(recall: dict[str, dict[str, tp.Any]]) -> list[str]:
+    first = next(iter(recall.values()))
+    lines = ["## Recall of facts", "",
+             f"Top-1 accuracy of the answer on held-out documents, its cross-entropy, p(correct value) and the "
+             f"mean p of the other values stated in the document and not yet answered; their ratio is the "
+             f"key-addressing ratio (~1: a bag of values, not recall). Chance {100 * first['chance']:.1f}%, "
+             f"bag-of-values ceiling (the stated values, minus those already answered) "
+             f"{100 * first['bag_ceiling']:.1f}%. Distances {first['distance_min']}-{first['distance_max']} frames; "
+             f"attention context {first['context']}, layers x context {first['receptive_field']}. "
+             "\"TTT off, same weights\" is a diagnostic, not a baseline.", ""]
+    header = ["model", "top-1 %", "answer CE", "p(correct)", "p(other)", "ratio", "questions"]
+    lines += _table(header, [[m, f"{100 * s['accuracy']:.1f}", f"{s['cross_entropy']:.3f}", f"{s['p_correct']:.3f}",
+                              f"{s['p_other']:.4f}", f"{s['key_addressing_ratio']:.3g}", str(s["questions"])]
+                             for m, s in recall.items()])
+    groups = list(first["by_group"])
+    if len(groups) > 1:
+        lines += ["", "By set (top-1 %):", ""]
+        lines += _table(["model"] + groups, [[m] + [f"{100 * s['by_group'][g]['accuracy']:.1f}" for g in groups]
+                                             for m, s in recall.items()])
+    bins = [(b["lo"], b["hi"]) for b in first["by_distance"]]
+    lines += ["", "By distance from statement to answer (frames; top-1 %):", ""]
+    lines += _table(["model"] + [f"{lo}-{hi}" for lo, hi in bins],
+                    [[m] + [f"{100 * b['accuracy']:.1f}" for b in s["by_distance"]] for m, s in recall.items()])
+    return lines + ["", "![recall by distance](recall.png)", ""]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -80,6 +80,43 @@ def save_ttt_lm(model: LMModel, directory: str | Path) -> None:
         (tmp / "config.json").write_text(json.dumps(full_config, indent=2))
 
 
+def save_moshi_lm(model: LMModel, directory: str | Path) -> None:
+    """Write a plain Moshi model (no TTT layer) as moshi's loader reads it, atomically:
+    model.safetensors and config.json. `load_ttt_lm(directory, TTTConfig(...))` converts it."""
+    if getattr(model, "ttt_config", None) is not None:
+        raise ValueError("this model has In-Place TTT layers: save it with save_ttt_lm")
+    moshi_config = getattr(model, "moshi_config", None)
+    if moshi_config is None:
+        raise ValueError("this LMModel does not record the moshi config it was built with; "
+                         "load it with load_moshi_lm or build it with build_lm")
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_dir(directory) as tmp:
+        save_file(weights, str(tmp / loaders.MOSHI_NAME))
+        (tmp / "config.json").write_text(json.dumps(dict(moshi_config, moshi_name=loaders.MOSHI_NAME), indent=2))
+
+
+def load_moshi_lm(source: str | Path, *, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.bfloat16) -> LMModel:
+    """A plain Moshi (no TTT) from a checkpoint directory or HF repo, recording its config."""
+    info = checkpoint_info(source)
+    if "ttt" in (info.raw_config or {}):
+        raise ValueError(f"{source} is a TTT model (its config.json has 'ttt'): load it with load_ttt_lm")
+    try:
+        lm = _moshi_get_moshi(info, device=device, dtype=dtype)
+    except RuntimeError as error:
+        raise ValueError(f"cannot load the Moshi weights {info.moshi_weights}: {error}") from error
+    lm.moshi_config = _moshi_config(info)
+    return lm
+
+
+def _moshi_config(info: loaders.CheckpointInfo) -> dict[str, tp.Any]:
+    """The config a checkpoint was built with (moshi 7B's when it has none), without TTT's keys."""
+    raw = dict(info.raw_config) if info.raw_config is not None else dict(info.lm_config or loaders._lm_kwargs)
+    for key in ("ttt", "ttt_name"):
+        raw.pop(key, None)
+    return raw
+
+
 def load_ttt_lm(source: str | Path, ttt: TTTConfig | None = None, *,
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
                 moshi_weights: str | Path | None = None, config_path: str | Path | None = None,
@@ -112,10 +149,7 @@ def lm_from_checkpoint_info(info: loaders.CheckpointInfo, ttt: TTTConfig | None 
         lm = _moshi_get_moshi(info, device=device, dtype=dtype, **get_moshi_kwargs)
     except RuntimeError as error:
         raise ValueError(f"cannot load the Moshi weights {info.moshi_weights}: {error}") from error
-    raw = dict(info.raw_config) if info.raw_config is not None else dict(lm_config)
-    for key in ("ttt", "ttt_name"):
-        raw.pop(key, None)
-    lm.moshi_config = raw
+    lm.moshi_config = _moshi_config(info)
     if saved_ttt is None:
         return apply_ttt(lm, ttt)
     apply_ttt(lm, TTTConfig.from_dict(saved_ttt))
@@ -133,8 +167,11 @@ def checkpoint_info(source: str | Path, *, moshi_weights: str | Path | None = No
     """
     path = Path(source)
     if not path.is_dir():
-        if path.exists() or str(source).startswith((".", "/")):
-            raise FileNotFoundError(f"{source}: expected a checkpoint directory or a Hugging Face repo id")
+        # "runs/missing" next to an existing "runs/" is a mistyped directory, not a repo on the hub.
+        looks_local = str(source).startswith((".", "/")) or (len(path.parts) > 1 and path.parent.is_dir())
+        if path.exists() or looks_local or len(path.parts) != 2:
+            raise FileNotFoundError(f"{source}: no such checkpoint directory (nor a Hugging Face repo id, "
+                                    "which is owner/name)")
         return loaders.CheckpointInfo.from_hf_repo(str(source), moshi_weights=moshi_weights,
                                                    mimi_weights=mimi_weights, tokenizer=tokenizer,
                                                    config_path=config_path)

@@ -15,7 +15,7 @@ import yaml
 from ..modules.targets import TARGET_INITS
 from ..ops import ALGORITHMS
 
-X0Source = tp.Literal["input", "text", "hidden"]
+X0Source = tp.Literal["input", "text", "user", "text_user", "hidden"]
 X0_SOURCES: tuple[str, ...] = tp.get_args(X0Source)
 
 
@@ -28,12 +28,15 @@ class TTTConfig:
         start, every: the paper's default is every 6th layer from layer 0.
         chunk_size: frames per fast-weight update (512 frames = 41 s at 12.5 Hz).
         eta: fast-weight learning rate.
-        kernel_size: the target conv reads frames t .. t+K-1.
-        init, init_std: target generator init ("warm", "next_token", "normal").
+        kernel_size: the target conv reads frames t .. t+K-1 ...
+        kernel_past: ... or t-P .. t+K-1-P with P taps on the past (official code: K=5, P=2).
+        init, init_std: target generator init ("warm", "next_token", "normal", "official").
         clip_tau: Frobenius-norm clip of each chunk's update, None for no clip.
         x0_source: the embeddings X0 the targets are made from: "input" (the sum of
             every stream's embedding, the transformer's input), "text" (the text
-            stream's embedding only) or "hidden" (the layer's own MLP input).
+            stream's embedding only), "user" (the user's audio codebooks'),
+            "text_user" (text and user audio, without the model's own audio) or
+            "hidden" (the layer's own MLP input).
         algorithm: exact form for whole sequences, "auto", "dual" or "scan".
         scan_block: positions per scan block, None to pick one from the model's size.
     """
@@ -44,10 +47,11 @@ class TTTConfig:
     chunk_size: int = 512
     eta: float = 1.0
     kernel_size: int = 2
-    init: str = "warm"
+    kernel_past: int = 0
+    init: str = "next_token"  # docs/recall.md: learns far sooner than "warm" or "official"
     init_std: float = 0.02
     clip_tau: float | None = None
-    x0_source: str = "input"
+    x0_source: str = "text_user"  # what is said, by either side; not Moshi's own audio (docs/recall.md)
     algorithm: str = "auto"
     scan_block: int | None = None
 
@@ -63,6 +67,9 @@ class TTTConfig:
             if len(set(self.layers)) != len(self.layers):
                 raise ValueError(f"ttt.layers={self.layers!r}: a layer index is repeated")
             self.layers = sorted(int(i) for i in self.layers)
+            if (self.start, self.every) != (TTTConfig.start, TTTConfig.every):
+                raise ValueError(f"ttt.layers={self.layers} with ttt.start={self.start}, ttt.every={self.every}: "
+                                 "choose layers either by list or by start/every (set layers to null)")
         _check_int("start", self.start, minimum=0)
         _check_int("every", self.every, minimum=1)
         _check_int("chunk_size", self.chunk_size, minimum=1)
@@ -73,8 +80,13 @@ class TTTConfig:
             _check_number("clip_tau", self.clip_tau, minimum=0.0, strict=True)
         if self.init not in TARGET_INITS:
             raise ValueError(f"ttt.init={self.init!r}: expected one of {TARGET_INITS}")
-        if self.init == "next_token" and self.kernel_size < 2:
-            raise ValueError(f"ttt.kernel_size={self.kernel_size}: init 'next_token' needs kernel_size >= 2")
+        _check_int("kernel_past", self.kernel_past, minimum=0)
+        if self.kernel_past >= self.kernel_size:
+            raise ValueError(f"ttt.kernel_past={self.kernel_past}: expected fewer taps on the past than "
+                             f"kernel_size={self.kernel_size}")
+        if self.init == "next_token" and self.kernel_size - self.kernel_past < 2:
+            raise ValueError(f"ttt.kernel_size={self.kernel_size}, kernel_past={self.kernel_past}: init "
+                             "'next_token' needs a tap on the next token (kernel_size - kernel_past >= 2)")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"ttt.algorithm={self.algorithm!r}: expected one of {ALGORITHMS}")
         if self.scan_block is not None:
@@ -98,6 +110,7 @@ class TTTConfig:
     def layer_kwargs(self) -> dict[str, tp.Any]:
         """Keyword arguments of `InPlaceTTTGating` that this config sets."""
         return dict(chunk_size=self.chunk_size, eta=self.eta, kernel_size=self.kernel_size,
+                    kernel_past=self.kernel_past,
                     clip_tau=self.clip_tau, init=self.init, init_std=self.init_std,
                     algorithm=self.algorithm, scan_block=self.scan_block)
 

@@ -41,13 +41,16 @@ def apply_ttt(lm_model: LMModel, config: TTTConfig) -> LMModel:
         raise ValueError("convert the LMModel before streaming with it, not inside `streaming(...)`")
     layers = lm_model.transformer.layers
     indices = config.layer_indices(len(layers))
+    x0_modules = None if config.x0_source in ("input", "hidden") else embedding_modules(lm_model, config.x0_source)
+    if config.x0_source in ("user", "text_user") and not embedding_modules(lm_model, "user"):
+        raise ValueError(f"ttt.x0_source={config.x0_source!r}: this model has no user audio stream")
     for i in indices:
         gating = layers[i].gating
         if not isinstance(gating, ActivationGating):
             raise TypeError(f"transformer layer {i}: expected an ActivationGating MLP, "
                             f"got {type(gating).__name__}")
         layers[i].gating = InPlaceTTTGating.from_gating(gating, **config.layer_kwargs())
-    _route_embeddings(lm_model, config.x0_source)
+    _route_embeddings(lm_model, config.x0_source, x0_modules)
     _forget_streaming_children(lm_model)
     lm_model.ttt_config = config
     return lm_model
@@ -72,15 +75,28 @@ def _forget_streaming_children(lm_model: LMModel) -> None:
             module._cached_children = None
 
 
-def _route_embeddings(lm_model: LMModel, source: str) -> None:
-    transformer = lm_model.transformer
+def embedding_modules(lm_model: LMModel, source: str) -> list[nn.Module]:
+    """The embedding tables whose outputs sum to X0 for a `source` that picks streams."""
+    user = list(lm_model.emb[lm_model.dep_q:])
     if source == "text":
-        lm_model.text_emb.register_forward_hook(_keep_output)
-        provider = functools.partial(_take_kept_output, lm_model.text_emb)
-    elif source == "input":
+        return [lm_model.text_emb]
+    if source == "user":
+        return user
+    if source == "text_user":
+        return [lm_model.text_emb] + user
+    raise ValueError(f"x0_source={source!r} does not pick streams")
+
+
+def _route_embeddings(lm_model: LMModel, source: str, modules: list[nn.Module] | None) -> None:
+    transformer = lm_model.transformer
+    if source == "input":
         provider = _first_input
-    else:
+    elif source == "hidden":
         provider = _no_embeddings
+    else:
+        for module in modules:
+            module.register_forward_hook(_keep_output)
+        provider = functools.partial(_take_kept_outputs, tuple(modules), source)
     transformer.register_forward_pre_hook(functools.partial(_pass_inputs, provider), with_kwargs=True)
     for layer in transformer.layers:
         layer.register_forward_pre_hook(_hand_inputs_to_gating, with_kwargs=True)
@@ -117,13 +133,16 @@ def _keep_output(module: nn.Module, args, output: torch.Tensor) -> None:
     module._ttt_kept_output = output
 
 
-def _take_kept_output(module: nn.Module, args: tuple) -> torch.Tensor:
-    output = getattr(module, "_ttt_kept_output", None)
-    if output is None:
-        raise RuntimeError("x0_source='text' found no text embedding: call the model through "
-                           "LMModel.forward or forward_text")
-    module._ttt_kept_output = None
-    return output
+def _take_kept_outputs(modules: tuple[nn.Module, ...], source: str, args: tuple) -> torch.Tensor:
+    total = None
+    for module in modules:
+        output = getattr(module, "_ttt_kept_output", None)
+        if output is None:
+            raise RuntimeError(f"x0_source={source!r} found no embedding of its streams: call the model "
+                               "through LMModel.forward or forward_text")
+        module._ttt_kept_output = None
+        total = output if total is None else total + output
+    return total
 
 
 def _pass_inputs(provider: tp.Callable, transformer: nn.Module, args: tuple, kwargs: dict):

@@ -13,8 +13,9 @@ has no branch on data and a constant cost:
   `(z Z_prev^T) V_prev`, so every token of chunk i sees exactly the updates of
   chunks < i, as in the parallel form.
 - Targets are computed as the embeddings arrive; the target of position q is
-  final once position q+K-1 (or the chunk's end) is seen. The squared norm of
-  the chunk's delta, for the clip, accumulates the same way.
+  final once position q+K-1-P (or the chunk's end) is seen, P the conv's taps on
+  the past. The squared norm of the chunk's delta, for the clip, accumulates the
+  same way.
 
 Every write is masked by `exec_mask` and done in place, as CUDA graphs need.
 The buffered Z and V keep the model's dtype (they are exact there); for a bf16
@@ -44,10 +45,11 @@ class FastWeightState(State):
     prev_scale: torch.Tensor    # [B] clip factor of the previous chunk, 0 when there is none
     cur_sq_norm: torch.Tensor   # [B] ||V^T Z||_F^2 over the final rows of the current chunk
     use_kernels: bool = False   # token steps through the Triton kernels (`ops.step_kernels`)
+    past: int = 0               # the target conv's taps on the past
 
     @classmethod
     def zeros(cls, batch_size: int, dim: int, hidden: int, chunk_size: int, kernel_size: int,
-              device: torch.device, model_dtype: torch.dtype) -> "FastWeightState":
+              device: torch.device, model_dtype: torch.dtype, past: int = 0) -> "FastWeightState":
         cd = compute_dtype(model_dtype)
         op = operand_dtype(model_dtype, device)
 
@@ -65,7 +67,8 @@ class FastWeightState(State):
             slot=z(batch_size, dt=torch.long),
             prev_scale=z(batch_size),
             cur_sq_norm=z(batch_size),
-            use_kernels=kernels_enabled(device, model_dtype),
+            use_kernels=kernels_enabled(device, model_dtype) and past == 0,  # the kernels read forward only
+            past=past,
         )
 
     @property
@@ -137,6 +140,7 @@ class FastWeightState(State):
         B, dim, hidden = self.delta.shape
         C, r = self.chunk_size, self.rows_per_step
         K = self.x0_tail.shape[1] + 1
+        F = K - 1 - self.past  # the taps on later positions: rows p-F .. p still change
         op = self.op
         run = self.exec_mask
         dev = z.device
@@ -169,28 +173,32 @@ class FastWeightState(State):
         # Buffer z at its ring row.
         _masked_write_row(self.z_ring, cur_start + p, z, run)
 
-        # Targets of positions p-K+1 .. p from the embeddings seen so far.
+        # Targets of positions p-F .. p from the embeddings seen so far (zero before the chunk).
         window = torch.cat([self.x0_tail, x0.to(self.x0_tail.dtype)[:, None]], dim=1)
-        v_rows = targets.project(future_conv_partial_rows(window, targets.conv.to(window.dtype)))
-        row_pos = p[:, None] - torch.arange(K, device=dev)[None]  # [B, K], row j: position p - j
+        seen = window
+        if self.past:
+            in_chunk = torch.arange(K - 1, -1, -1, device=dev)[None] <= p[:, None]  # slot i: position p-K+1+i
+            seen = window * in_chunk[..., None]
+        v_rows = targets.project(future_conv_partial_rows(seen, targets.conv.to(window.dtype), self.past))
+        row_pos = p[:, None] - torch.arange(F + 1, device=dev)[None]  # [B, F+1], row j: position p - j
         row_ok = row_pos >= 0
-        for j in range(K):
+        for j in range(F + 1):
             _masked_write_row(self.v_ring, cur_start + row_pos[:, j].clamp(min=0), v_rows[:, j],
                               run & row_ok[:, j])
 
         at_end = run & (p == C - 1)
         if clip_tau is not None:
             # Gram terms of each candidate row q against the current chunk's rows < q.
-            rows = (cur_start[:, None] + row_pos.clamp(min=0))[..., None].expand(B, K, hidden)
+            rows = (cur_start[:, None] + row_pos.clamp(min=0))[..., None].expand(B, F + 1, hidden)
             z_rows = torch.gather(self.z_ring, 1, rows)
             gram = (bmm_acc(v_rows, self.v_ring.transpose(1, 2), op)
                     * bmm_acc(z_rows, self.z_ring.transpose(1, 2), op))
             earlier = (~is_prev)[:, None, :] & ((ring % C)[None, None, :] < row_pos[..., None])
             v_sq = v_rows.to(self.delta.dtype).square().sum(-1)
             z_sq = z_rows.to(self.delta.dtype).square().sum(-1)
-            terms = (2 * (gram * earlier).sum(-1) + v_sq * z_sq) * row_ok  # [B, K]
-            # Row p-K+1 becomes final now; at the chunk's end all K rows are.
-            sq_norm_now = self.cur_sq_norm + terms[:, K - 1]
+            terms = (2 * (gram * earlier).sum(-1) + v_sq * z_sq) * row_ok  # [B, F+1]
+            # Row p-F becomes final now; at the chunk's end all F+1 rows are.
+            sq_norm_now = self.cur_sq_norm + terms[:, F]
             end_scale = clip_scales(self.cur_sq_norm + terms.sum(-1), eta, clip_tau)
             self.cur_sq_norm.copy_(torch.where(at_end, 0.0, torch.where(run, sq_norm_now, self.cur_sq_norm)))
             self.prev_scale.copy_(torch.where(at_end, end_scale, self.prev_scale))

@@ -37,7 +37,8 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         activation: the gate's activation, as in moshi (e.g. `F.silu`).
         chunk_size: C, tokens per fast-weight update.
         eta: fast-weight learning rate; 0 makes the layer the plain MLP.
-        kernel_size: K, the target conv reads tokens t .. t+K-1.
+        kernel_size: K, the target conv reads tokens t .. t+K-1 ...
+        kernel_past: ... or, with P taps on the past, t-P .. t+K-1-P.
         clip_tau: if set, each chunk's update `eta * V^T Z` is scaled down to
             Frobenius norm tau when it is larger (the paper evaluated with 1e-5).
         init, init_std: how the target generator starts, see `LMAlignedTargets`.
@@ -48,7 +49,7 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
     """
 
     def __init__(self, dim: int, hidden: int, activation: tp.Callable, *, chunk_size: int = 512,
-                 eta: float = 1.0, kernel_size: int = 2, clip_tau: float | None = None,
+                 eta: float = 1.0, kernel_size: int = 2, kernel_past: int = 0, clip_tau: float | None = None,
                  init: TargetInit = "warm", init_std: float = 0.02, algorithm: str = "auto",
                  scan_block: int | None = None, device=None, dtype=None):
         super().__init__()
@@ -71,7 +72,8 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         self.linear_in = nn.Linear(dim, 2 * hidden, bias=False, device=device, dtype=dtype)
         self.linear_out = nn.Linear(hidden, dim, bias=False, device=device, dtype=dtype)
         self.activation = activation
-        self.ttt_target = LMAlignedTargets(dim, kernel_size, init, init_std, device=device, dtype=dtype)
+        self.ttt_target = LMAlignedTargets(dim, kernel_size, init, init_std, past=kernel_past,
+                                           device=device, dtype=dtype)
         self.chunk_size = chunk_size
         self.eta = float(eta)
         self.clip_tau = None if clip_tau is None else float(clip_tau)
@@ -102,18 +104,23 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         return self.ttt_target.kernel_size
 
     @property
+    def kernel_past(self) -> int:
+        return self.ttt_target.past
+
+    @property
     def ttt_active(self) -> bool:
         return self.ttt_enabled and self.eta > 0
 
     def extra_repr(self) -> str:
         return (f"chunk_size={self.chunk_size}, eta={self.eta}, kernel_size={self.kernel_size}, "
+                f"kernel_past={self.kernel_past}, "
                 f"clip_tau={self.clip_tau}, algorithm={self.algorithm}, scan_block={self.scan_block}, "
                 f"ttt_enabled={self.ttt_enabled}")
 
     def _init_streaming_state(self, batch_size: int) -> FastWeightState:
         weight = self.ttt_target.proj.weight
         return FastWeightState.zeros(batch_size, self.dim, self.hidden, self.chunk_size,
-                                     self.kernel_size, weight.device, weight.dtype)
+                                     self.kernel_size, weight.device, weight.dtype, past=self.kernel_past)
 
     def gated(self, x: torch.Tensor) -> torch.Tensor:
         """Z = act(x W_gate^T) * (x W_up^T), [B, T, h]."""

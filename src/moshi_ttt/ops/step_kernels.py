@@ -239,6 +239,8 @@ def token_step(state, z: torch.Tensor, x0: torch.Tensor, conv: torch.Tensor, pro
 
     z: [B, h], x0: [B, d]; conv: [d, K] and proj: [d, d], the target generator's weights.
     """
+    if state.past:
+        raise ValueError("the step kernels read forward targets only: a conv with kernel_past > 0 steps in PyTorch")
     B, D, H = state.delta.shape
     C, R = state.chunk_size, state.rows_per_step
     K = conv.shape[1]

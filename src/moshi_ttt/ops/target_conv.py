@@ -1,7 +1,9 @@
 """The targets `V = Conv1D_K(X0) W_target^T` over whole sequences, lean in memory.
 
-The target at position t mixes the embeddings of t .. t+K-1 of its own chunk
-(zero past the chunk's end), so a chunk's update reads no later chunk.
+The target at position t mixes the embeddings of t-P .. t+K-1-P of its own chunk
+(zero outside it), so a chunk's update reads no other chunk. P, the taps that read
+the past, is 0 by default (t .. t+K-1, the next tokens); the official In-Place TTT
+code centres a kernel of 5 on t (P = 2).
 
 The conv sums run in float32 over spans of a few chunks and are rounded once
 to the output dtype, and only X0 and the weights are saved: the backward
@@ -23,6 +25,15 @@ def _spans(length: int, chunk_size: int) -> list[slice]:
     return [slice(s, s + span) for s in range(0, length, span)]
 
 
+def _tap_pairs(dst: torch.Tensor, src: torch.Tensor, offset: int, chunk_size: int):
+    """Pairs of views (dst at t, src at t+offset) over the positions whose t+offset is in t's chunk."""
+    if offset >= 0:
+        yield from _tap_views(dst, src, offset, chunk_size)
+    else:
+        for src_t, dst_t in _tap_views(src, dst, -offset, chunk_size):
+            yield dst_t, src_t
+
+
 def _tap_views(a: torch.Tensor, b: torch.Tensor, k: int, chunk_size: int):
     """Pairs of views (a at t, b at t+k) over the positions t whose t+k is in t's chunk.
 
@@ -37,27 +48,28 @@ def _tap_views(a: torch.Tensor, b: torch.Tensor, k: int, chunk_size: int):
         yield a[:, full:L - k], b[:, full + k:]
 
 
-def chunked_future_conv(x0: torch.Tensor, weight: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Depthwise conv over positions t .. t+K-1, zero-padded at the end of each chunk.
+def chunked_future_conv(x0: torch.Tensor, weight: torch.Tensor, chunk_size: int, past: int = 0) -> torch.Tensor:
+    """Depthwise conv over positions t-P .. t+K-1-P (P = `past`), zero-padded at both ends
+    of each chunk.
 
-    x0: [B, T, D] token embeddings; weight: [D, K], tap k reads position t+k.
+    x0: [B, T, D] token embeddings; weight: [D, K], tap k reads position t+k-P.
     Returns [B, T, D] in the dtype of the product of the inputs, summed in float32
-    (float64 for float64). Not differentiable: `future_conv_targets` is.
+    (float64 for float64), taps in order. Not differentiable: `future_conv_targets` is.
     """
     out_dtype = torch.promote_types(x0.dtype, weight.dtype)
     w = weight.to(compute_dtype(out_dtype))
     out = torch.empty(x0.shape, dtype=out_dtype, device=x0.device)
     for span in _spans(x0.shape[1], chunk_size):
         x = x0[:, span]
-        acc = (x * w[:, 0]).to(w.dtype)
-        for k in range(1, w.shape[1]):
-            for dst, src in _tap_views(acc, x, k, chunk_size):
+        acc = torch.zeros(x.shape, dtype=w.dtype, device=x.device)
+        for k in range(w.shape[1]):
+            for dst, src in _tap_pairs(acc, x, k - past, chunk_size):
                 dst.addcmul_(src, w[:, k])
         out[:, span] = acc
     return out
 
 
-def _conv_backward(grad: torch.Tensor, x0: torch.Tensor, weight: torch.Tensor, chunk_size: int,
+def _conv_backward(grad: torch.Tensor, x0: torch.Tensor, weight: torch.Tensor, chunk_size: int, past: int,
                    need_x0: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Gradients of `chunked_future_conv` in x0 (if needed) and weight, span by span."""
     cd = compute_dtype(grad.dtype)
@@ -67,12 +79,12 @@ def _conv_backward(grad: torch.Tensor, x0: torch.Tensor, weight: torch.Tensor, c
     for span in _spans(x0.shape[1], chunk_size):
         x, g = x0[:, span].to(cd), grad[:, span].to(cd)
         for k in range(w.shape[1]):
-            for g_t, x_tk in _tap_views(g, x, k, chunk_size):  # d out[t] / d w_k = x[t+k]
+            for g_t, x_tk in _tap_pairs(g, x, k - past, chunk_size):  # d out[t] / d w_k = x[t+k-P]
                 grad_w[:, k] += (g_t * x_tk).flatten(0, -2).sum(0)
         if grad_x is not None:
-            acc = g * w[:, 0]
-            for k in range(1, w.shape[1]):
-                for g_t, acc_tk in _tap_views(g, acc, k, chunk_size):  # x[t+k] reaches out[t]
+            acc = torch.zeros_like(g)
+            for k in range(w.shape[1]):
+                for g_t, acc_tk in _tap_pairs(g, acc, k - past, chunk_size):  # x[t+k-P] reaches out[t]
                     acc_tk.addcmul_(g_t, w[:, k])
             grad_x[:, span] = acc
     return grad_x, grad_w.to(weight.dtype)
@@ -80,54 +92,57 @@ def _conv_backward(grad: torch.Tensor, x0: torch.Tensor, weight: torch.Tensor, c
 
 class _FutureConvTargets(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x0, conv_weight, proj_weight, chunk_size):
+    def forward(ctx, x0, conv_weight, proj_weight, chunk_size, past):
         ctx.save_for_backward(x0, conv_weight, proj_weight)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.past = chunk_size, past
         dtype = linear_dtype(x0.device, proj_weight.dtype)
         with without_autocast(x0.device):
-            return F.linear(chunked_future_conv(x0, conv_weight, chunk_size).to(dtype), proj_weight.to(dtype))
+            conv_out = chunked_future_conv(x0, conv_weight, chunk_size, past)
+            return F.linear(conv_out.to(dtype), proj_weight.to(dtype))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x0, conv_weight, proj_weight = ctx.saved_tensors
-        C = ctx.chunk_size
+        C, past = ctx.chunk_size, ctx.past
         need_x0, need_conv, need_proj = ctx.needs_input_grad[:3]
         grad_x0 = grad_conv = grad_proj = None
         # In the output's dtype: under autocast it differs from float32 weights'.
         if need_proj:
-            conv_out = chunked_future_conv(x0, conv_weight, C).to(grad.dtype)
+            conv_out = chunked_future_conv(x0, conv_weight, C, past).to(grad.dtype)
             grad_proj = grad.flatten(0, -2).transpose(0, 1) @ conv_out.flatten(0, -2)
             del conv_out
         if need_x0 or need_conv:
-            grad_x0, grad_conv = _conv_backward(grad @ proj_weight.to(grad.dtype), x0, conv_weight, C, need_x0)
-        return grad_x0, grad_conv, grad_proj, None
+            grad_x0, grad_conv = _conv_backward(grad @ proj_weight.to(grad.dtype), x0, conv_weight, C, past,
+                                                need_x0)
+        return grad_x0, grad_conv, grad_proj, None, None
 
 
 def future_conv_targets(x0: torch.Tensor, conv_weight: torch.Tensor, proj_weight: torch.Tensor,
-                        chunk_size: int) -> torch.Tensor:
+                        chunk_size: int, past: int = 0) -> torch.Tensor:
     """V = chunked_future_conv(x0) W_target^T, [B, T, d] in W_target's dtype, or autocast's
     where it is on (differentiable).
 
     The conv output is rounded to that dtype before the projection, as a linear
     layer of the model would see it.
     """
-    return _FutureConvTargets.apply(x0, conv_weight, proj_weight, chunk_size)
+    return _FutureConvTargets.apply(x0, conv_weight, proj_weight, chunk_size, past)
 
 
-def future_conv_partial_rows(window: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The conv of the last K positions from the K embeddings seen so far (streaming).
+def future_conv_partial_rows(window: torch.Tensor, weight: torch.Tensor, past: int = 0) -> torch.Tensor:
+    """The conv of the positions a new embedding still changes, from the K embeddings seen so
+    far (streaming).
 
-    window: [B, K, D], the embeddings at positions p-K+1 .. p; weight: [D, K].
-    Row j of the result is the conv at position p-j with the taps past p left at
-    zero: its final value if the chunk ends at p, else a partial one. The sum runs
-    over taps in the same order as `chunked_future_conv`.
+    window: [B, K, D], the embeddings at positions p-K+1 .. p (zero where they are before
+    the chunk); weight: [D, K]. Row j (j = 0 .. K-1-P) of the result is the conv at position
+    p-j with the taps past p left at zero: its final value if the chunk ends at p or when
+    j = K-1-P, else a partial one. The sum runs over taps in the order of `chunked_future_conv`.
     """
     K = weight.shape[1]
     rows = []
-    for j in range(K):
-        row = window[:, K - 1 - j] * weight[:, 0]
-        for k in range(1, j + 1):
-            row = row + window[:, K - 1 - j + k] * weight[:, k]
+    for j in range(K - past):
+        row = torch.zeros_like(window[:, 0])
+        for k in range(j + past + 1):  # tap k reads p-j+k-P, window slot K-1-j+k-P
+            row = row + window[:, K - 1 - j + k - past] * weight[:, k]
         rows.append(row)
     return torch.stack(rows, dim=1)

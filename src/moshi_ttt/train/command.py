@@ -8,7 +8,7 @@ import yaml
 from .config import TrainConfig
 
 
-def train_command(argv: list[str]) -> None:
+def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moshi-ttt train",
         description="Finetune a TTT Moshi. With no config: the tiny model on the synthetic dataset, on the CPU.")
@@ -17,7 +17,15 @@ def train_command(argv: list[str]) -> None:
                         help="override one config value, e.g. --set max_steps=50 --set optim.lr=3e-4")
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     parser.add_argument("--stop-after", type=int, help="stop after this step (the schedule keeps max_steps)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--baseline", action="store_true",
+                        help="train the fair baseline: this run without TTT (same as --set baseline=true)")
+    parser.add_argument("--with-baseline", action="store_true",
+                        help="train this run, then its baseline in RUN_DIR/baseline, and compare their recall")
+    return parser
+
+
+def train_command(argv: list[str]) -> None:
+    args = train_parser().parse_args(argv)
     data = {}
     if args.config is not None:
         if not args.config.is_file():
@@ -32,5 +40,14 @@ def train_command(argv: list[str]) -> None:
         for parent in parents:
             target = target.setdefault(parent, {})
         target[leaf] = yaml.safe_load(value)
-    from .trainer import train
-    train(TrainConfig.from_dict(data), resume=args.resume, stop_after=args.stop_after)
+    if args.baseline:
+        data["baseline"] = True
+    if args.with_baseline and args.stop_after is not None:
+        raise SystemExit("--with-baseline trains both runs to the end: it cannot take --stop-after")
+    config = TrainConfig.from_dict(data)
+    if args.with_baseline:
+        from .trainer import train_with_baseline
+        train_with_baseline(config, resume=args.resume)
+    else:
+        from .trainer import train
+        train(config, resume=args.resume, stop_after=args.stop_after)

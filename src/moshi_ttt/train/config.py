@@ -8,6 +8,7 @@ names it, with its dotted path.
 """
 
 import dataclasses
+import types
 import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,14 +16,16 @@ from pathlib import Path
 import yaml
 
 from ..models.config import TTTConfig
+from ..models.tiny import tiny_lm_config
 
 MODES = ("ttt", "ttt_layers", "lora", "full")
+TINY_DEFAULTS = {"context": 16}
 SOURCES = ("synthetic", "codes", "finetune")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = 3e-3  # the tiny model from scratch; moshi-finetune finetunes Moshi 7B at 2e-6
     weight_decay: float = 0.1
     pct_start: float = 0.05  # share of the steps spent warming up, as in moshi-finetune
     beta1: float = 0.9
@@ -37,10 +40,14 @@ class LoraConfig:
 
 @dataclass
 class SyntheticConfig:
-    """Documents whose answers depend on facts stated beyond the attention context."""
+    """Documents whose answers depend on facts stated beyond the attention context
+    (`train/synthetic.py`); held-out documents of the same kind score recall."""
     num_documents: int = 4096
-    frames: int = 256
+    frames: int = 160
     pairs: int = 6
+    spacing: int = 8  # frames between consecutive statements (and questions)
+    speaker: str = "text"  # text: the model's text stream states the facts; user: the user's audio
+    audio: str = "noise"  # the audio codebooks that say no fact: uniform noise, or silence
 
 
 @dataclass
@@ -56,18 +63,29 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     model: str = "tiny"  # "tiny" (built-in random config), a checkpoint directory, or an HF repo id
-    ttt: TTTConfig = field(default_factory=lambda: TTTConfig(every=2, chunk_size=32, init="warm", eta=0.05))
+    # model "tiny": moshi LMModel kwargs over the built-in ones. An attention context of 16
+    # frames: 4 layers x 16 = 64 frames is the farthest a chain of attention reaches, and
+    # every fact of the default documents is stated further back than that.
+    tiny: dict = field(default_factory=lambda: dict(TINY_DEFAULTS))
+    ttt: TTTConfig = field(default_factory=lambda: TTTConfig(
+        layers=[0], chunk_size=32, eta=0.5, init="next_token", x0_source="text"))
     data: DataConfig = field(default_factory=DataConfig)
-    mode: str = "ttt_layers"  # what trains: ttt | ttt_layers | lora | full
+    mode: str = "full"  # what trains: ttt | ttt_layers | lora | full (the tiny model starts from random weights)
+    # The fair baseline: this run without TTT (no TTT layer); in ttt_layers mode the
+    # layers `ttt` names still train, so both runs train the same parameters otherwise.
+    baseline: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
+    eta_warmup_steps: int = 0  # TTT's eta ramps linearly from 0 to ttt.eta over these first steps
     first_codebook_weight_multiplier: float = 100.0
     text_padding_weight: float = 0.5
     optim: OptimConfig = field(default_factory=OptimConfig)
-    max_steps: int = 300
+    max_steps: int = 1200
     batch_size: int = 8  # sequences per process and micro-batch
     num_microbatches: int = 1  # gradient accumulation
-    duration_sec: float | None = None  # sequence length in seconds (12.5 frames each) ...
-    seq_frames: int | None = 256  # ... or in frames; exactly one of the two
+    # Row length: seconds (12.5 frames each) or frames, at most one of the two; with neither,
+    # one synthetic document per row, else 256 frames.
+    duration_sec: float | None = None
+    seq_frames: int | None = None
     max_norm: float = 1.0  # gradient clipping; 0 turns it off
     bf16: bool = True  # autocast to bfloat16 on a GPU
     gradient_checkpointing: bool = False
@@ -77,28 +95,56 @@ class TrainConfig:
     log_freq: int = 10  # steps between logged metrics
     ckpt_freq: int = 100  # steps between checkpoints (one is also written when a run stops)
     keep_last: int = 2
+    do_eval: bool = True  # synthetic data: recall on held-out documents every eval_freq steps and at the end
+    eval_freq: int = 100
+    eval_documents: int = 64  # held-out documents per evaluation during training (4x that at the end)
 
     def __post_init__(self) -> None:
+        if self.model != "tiny" and self.tiny == TINY_DEFAULTS:
+            self.tiny = {}  # the built-in model's settings are no checkpoint's
         self.validate()
 
     @property
     def frames(self) -> int:
         if self.seq_frames is not None:
             return self.seq_frames
-        return round(self.duration_sec * 12.5)
+        if self.duration_sec is not None:
+            return round(self.duration_sec * 12.5)
+        return self.data.synthetic.frames if self.data.source == "synthetic" else 256
 
     def validate(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model={self.model!r}: expected 'tiny', a checkpoint directory or a Hugging Face repo")
+        if self.tiny and self.model != "tiny":
+            raise ValueError(f"tiny={self.tiny!r} changes the built-in tiny model, but model={self.model!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r}: expected one of {MODES}")
+        if not isinstance(self.tiny, dict):
+            raise ValueError(f"tiny={self.tiny!r}: expected a mapping of moshi LMModel kwargs")
+        known = tiny_lm_config()
+        unknown = sorted(set(self.tiny) - set(known))
+        if unknown:
+            raise ValueError(f"unknown tiny model key(s) {unknown}: expected some of {sorted(known)}")
         if self.data.source not in SOURCES:
             raise ValueError(f"data.source={self.data.source!r}: expected one of {SOURCES}")
         if self.data.source != "synthetic" and not self.data.train_data:
             raise ValueError(f"data.train_data is required for data.source={self.data.source!r}")
-        if (self.duration_sec is None) == (self.seq_frames is None):
+        if self.duration_sec is not None and self.seq_frames is not None:
             raise ValueError(f"duration_sec={self.duration_sec!r}, seq_frames={self.seq_frames!r}: "
-                             "give exactly one of the two")
+                             "give at most one of the two")
+        for name in ("baseline", "do_eval", "bf16", "gradient_checkpointing", "data.shuffle"):
+            if not isinstance(_get(self, name), bool):
+                raise ValueError(f"{name}={_get(self, name)!r}: expected true or false")
+        if self.baseline and self.mode == "ttt":
+            raise ValueError("baseline=true with mode='ttt': a model without TTT has no TTT parameter to train; "
+                             "use the mode of the run it is the baseline of (ttt_layers, lora or full)")
+        _check("eta_warmup_steps", self.eta_warmup_steps, int, minimum=0)
+        if self.eta_warmup_steps > self.max_steps:
+            raise ValueError(f"eta_warmup_steps={self.eta_warmup_steps}: expected at most max_steps="
+                             f"{self.max_steps} (the run would end before TTT's eta reaches ttt.eta)")
         for name in ("max_steps", "batch_size", "num_microbatches", "log_freq", "ckpt_freq", "keep_last",
-                     "lora.rank", "data.synthetic.num_documents", "data.synthetic.frames", "data.synthetic.pairs"):
+                     "eval_freq", "eval_documents", "lora.rank", "data.synthetic.num_documents",
+                     "data.synthetic.frames", "data.synthetic.pairs", "data.synthetic.spacing"):
             _check(name, _get(self, name), int, minimum=1)
         if self.seq_frames is not None:
             _check("seq_frames", self.seq_frames, int, minimum=2)
@@ -124,7 +170,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: tp.Mapping[str, tp.Any] | None) -> "TrainConfig":
-        return _build(cls, data or {}, "")
+        """The config of a YAML mapping; a checkpoint `model` starts from CHECKPOINT_DEFAULTS."""
+        data = data or {}
+        model = data.get("model", "tiny") if isinstance(data, tp.Mapping) else "tiny"
+        if model != "tiny":
+            data = _merged({**CHECKPOINT_DEFAULTS, "tiny": {}}, data)
+        return _build(cls, data, "")
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
@@ -138,6 +189,19 @@ class TrainConfig:
         return cls.from_dict(data)
 
 
+# A checkpoint is finetuned from the library's TTT defaults and moshi-finetune's habits,
+# not from the tiny model's recipe (the defaults above).
+CHECKPOINT_DEFAULTS: dict[str, tp.Any] = {"mode": "ttt_layers", "optim": {"lr": 2e-6}, "ttt": TTTConfig().to_dict()}
+
+
+def _merged(base: tp.Mapping[str, tp.Any], data: tp.Mapping[str, tp.Any]) -> dict[str, tp.Any]:
+    out = dict(base)
+    for key, value in data.items():
+        both = isinstance(value, tp.Mapping) and isinstance(out.get(key), tp.Mapping)
+        out[key] = _merged(out[key], value) if both else value
+    return out
+
+
 def _build(cls, data: tp.Any, prefix: str):
     if not isinstance(data, tp.Mapping):
         raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
@@ -149,16 +213,48 @@ def _build(cls, data: tp.Any, prefix: str):
     kwargs = {}
     for name, value in data.items():
         nested = _nested_type(fields[name].type)
+        if nested is None:
+            if fields[name].type is dict and isinstance(value, tp.Mapping):
+                value = {**fields[name].default_factory(), **value}  # a partial mapping keeps the defaults
+            kwargs[name] = _yaml_float(value) if _is_float_field(fields[name].type) else value
+            continue
+        if isinstance(value, nested):  # a default carried down from the enclosing section
+            kwargs[name] = value
+            continue
+        if not isinstance(value, tp.Mapping):
+            raise ValueError(f"{prefix}{name}: expected a mapping, got {type(value).__name__}")
+        # A partial section changes only what it names: the rest keeps this config's defaults.
+        default = fields[name].default_factory()
         if nested is TTTConfig:
+            floats = {f.name for f in dataclasses.fields(TTTConfig) if _is_float_field(f.type)}
+            merged = {**default.to_dict(), **{k: _yaml_float(v) if k in floats else v for k, v in value.items()}}
+            if ("start" in value or "every" in value) and "layers" not in value:
+                merged["layers"] = None  # layers and start/every are two ways to choose: the one given counts
             try:
-                kwargs[name] = TTTConfig.from_dict(value)
+                kwargs[name] = TTTConfig.from_dict(merged)
             except (TypeError, ValueError) as error:
                 raise ValueError(f"{prefix}{name}: {error}") from error
-        elif nested is not None:
-            kwargs[name] = _build(nested, value, f"{prefix}{name}.")
         else:
-            kwargs[name] = value
+            kwargs[name] = _build(nested, {**_shallow_dict(default), **value}, f"{prefix}{name}.")
     return cls(**kwargs)
+
+
+def _shallow_dict(instance) -> dict[str, tp.Any]:
+    return {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)}
+
+
+def _is_float_field(annotation) -> bool:
+    return annotation is float or (isinstance(annotation, types.UnionType) and float in tp.get_args(annotation))
+
+
+def _yaml_float(value):
+    """YAML 1.1 (PyYAML) reads `3e-4` and `2e-6` as strings: read them as the numbers they are."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _nested_type(annotation) -> type | None:

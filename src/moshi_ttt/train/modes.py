@@ -27,11 +27,19 @@ def parameter_group(name: str) -> str:
     return "other"
 
 
-def apply_mode(lm: LMModel, mode: str, lora_rank: int = 16, lora_scaling: float = 2.0) -> dict[str, int]:
-    """Set requires_grad for `mode` (adding LoRA for "lora"); return trainable counts per group."""
+def apply_mode(lm: LMModel, mode: str, lora_rank: int = 16, lora_scaling: float = 2.0,
+               layers: list[int] | None = None) -> dict[str, int]:
+    """Set requires_grad for `mode` (adding LoRA for "lora"); return trainable counts per group.
+
+    layers: the transformer layers that train in "ttt_layers" mode; by default those
+    holding TTT (a baseline without TTT names the layers its TTT run converts).
+    """
     if mode == "lora":
         _add_lora(lm, lora_rank, lora_scaling)
-    ttt_layer_prefixes = tuple(name.removesuffix("gating") for name, _ in ttt_layers(lm))
+    if layers is None:
+        ttt_layer_prefixes = tuple(name.removesuffix("gating") for name, _ in ttt_layers(lm))
+    else:
+        ttt_layer_prefixes = tuple(f"transformer.layers.{i}." for i in layers)
     for name, param in lm.named_parameters():
         if mode == "full":
             trains = True

@@ -8,19 +8,23 @@ a step is the same whatever the split.
 """
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
+import sys
 import time
 import typing as tp
 from pathlib import Path
 
 import torch
+import yaml
 from moshi.models.lm import LMModel
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..models import build_lm, checkpoint_info, document_segments, load_ttt_lm, save_ttt_lm, tiny_lm_config
+from ..models import (build_lm, checkpoint_info, document_segments, load_moshi_lm, load_ttt_lm, save_moshi_lm,
+                      save_ttt_lm, tiny_lm_config)
 from ..models.convert import ttt_layers
 from ..utils.atomic import atomic_file
 from .batches import DocumentSource, SequenceBatcher
@@ -40,14 +44,26 @@ def warmup_cosine(total_steps: int, warmup_share: float, step: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def eta_at(eta: float, warmup_steps: int, step: int) -> float:
+    """TTT's eta at `step` (0-based): a linear warm-up over `warmup_steps`, then `eta`."""
+    return eta if step >= warmup_steps else eta * (step + 1) / warmup_steps
+
+
 def build_model(config: TrainConfig, device: torch.device) -> LMModel:
-    """The TTT model to train, its trainable parameters in float32."""
+    """The model to train: with TTT, or without for a baseline run."""
     dtype = torch.bfloat16 if (device.type == "cuda" and config.bf16) else torch.float32
+    ttt = None if config.baseline else config.ttt
     if config.model == "tiny":
-        lm = build_lm(tiny_lm_config(), config.ttt, seed=config.seed, device=device, dtype=dtype)
+        lm = build_lm(tiny_lm_config(**config.tiny), ttt, seed=config.seed, device=device, dtype=dtype)
     else:
         raw = checkpoint_info(config.model).raw_config or {}
-        lm = load_ttt_lm(config.model, None if "ttt" in raw else config.ttt, device=device, dtype=dtype)
+        if "ttt" in raw and config.baseline:
+            raise ValueError(f"baseline=true: model={config.model!r} is a TTT model; "
+                             "a baseline starts from a plain Moshi checkpoint")
+        if config.baseline:
+            lm = load_moshi_lm(config.model, device=device, dtype=dtype)
+        else:
+            lm = load_ttt_lm(config.model, None if "ttt" in raw else config.ttt, device=device, dtype=dtype)
     lm.train()
     lm.transformer.checkpointing = config.gradient_checkpointing
     return lm
@@ -60,7 +76,8 @@ def build_source(config: TrainConfig, lm: LMModel) -> DocumentSource:
         s = data.synthetic
         return SyntheticDocuments(s.num_documents, s.frames, s.pairs, num_codebooks=lm.num_codebooks,
                                   dep_q=lm.dep_q, card=lm.card, text_card=lm.text_card,
-                                  text_padding_id=lm.text_padding_token_id, seed=config.seed)
+                                  text_padding_id=lm.text_padding_token_id, spacing=s.spacing,
+                                  speaker=s.speaker, audio=s.audio, seed=config.seed)
     if data.source == "codes":
         from .code_files import CodeFiles
         return CodeFiles(data.train_data, lm.num_codebooks)
@@ -118,11 +135,40 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
         dist.close()
 
 
+def train_with_baseline(config: TrainConfig, resume: bool = False) -> dict[str, tp.Any]:
+    """Train `config`, then its fair baseline (the same run without TTT) in run_dir/baseline,
+    and compare their held-out recall (written to run_dir/recall, the verdict printed)."""
+    if config.baseline:
+        raise ValueError("--with-baseline: this config is already a baseline (baseline=true)")
+    baseline = dataclasses.replace(config, baseline=True, run_dir=str(Path(config.run_dir) / "baseline"))
+    if config.model != "tiny" and "ttt" in (checkpoint_info(config.model).raw_config or {}):
+        raise ValueError(f"--with-baseline: model={config.model!r} is a TTT model; a baseline starts from a "
+                         "plain Moshi checkpoint")
+    result = train(config, resume=resume)
+    resume_baseline = resume and bool(list_checkpoints(Path(baseline.run_dir)))
+    result["baseline"] = train(baseline, resume=resume_baseline)
+    if "recall" in result and "recall" in result["baseline"]:
+        from ..eval.recall import verdict, write_recall
+        compared = {**result["recall"], **result["baseline"]["recall"]}
+        out = Path(config.run_dir) / "recall"
+        write_recall(compared, out)
+        first = next(iter(compared.values()))
+        print(verdict(compared, f"held-out recall, TTT against its baseline ({first['questions']} questions):"))
+        print(f"comparison written to {out}")
+        result["recall"] = compared
+    return result
+
+
 def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int | None) -> dict[str, tp.Any]:
     run_dir = Path(config.run_dir)
     torch.manual_seed(config.seed)
     lm = build_model(config, dist.device)
-    counts = apply_mode(lm, config.mode, config.lora.rank, config.lora.scaling)
+    if getattr(lm, "ttt_config", None) is not None and lm.ttt_config != config.ttt:
+        print(f"model={config.model!r} is a TTT model: its own TTT settings are used, not the config's: "
+              f"{lm.ttt_config}")
+        config = dataclasses.replace(config, ttt=lm.ttt_config)
+    layers = config.ttt.layer_indices(len(lm.transformer.layers)) if config.baseline else None
+    counts = apply_mode(lm, config.mode, config.lora.rank, config.lora.scaling, layers=layers)
     params = [p for p in lm.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
@@ -136,7 +182,7 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
         optimizer, functools.partial(warmup_cosine, config.max_steps, config.optim.pct_start))
     step = 0
     if resume:
-        step = _resume(run_dir, lm, optimizer, schedule, batcher)
+        step = _resume(run_dir, config, lm, optimizer, schedule, batcher)
     model = DistributedDataParallel(lm, find_unused_parameters=True) if dist.enabled else lm
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -145,27 +191,46 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
         print(config.to_yaml())
         print("trainable parameters: " + ", ".join(f"{g} {counts[g]:,}" for g in GROUPS))
     metrics_log = MetricsLog(run_dir, dist.is_main)
+    probe = RecallProbe.for_run(config, lm) if dist.is_main else None
     metrics_log.forget_after(step)
     last_step = min(config.max_steps, stop_after) if stop_after is not None else config.max_steps
     rows_per_step = config.batch_size * dist.world_size * config.num_microbatches
     losses = []
+    # A bar in a terminal; in a log file, a line every log_freq steps instead.
+    interactive = sys.stderr.isatty()
     progress = tqdm(range(step, last_step), initial=step, total=config.max_steps, desc="train",
-                    disable=not dist.is_main)
+                    disable=not (dist.is_main and interactive))
+    train_s = 0.0
     for step in progress:
         start = time.perf_counter()
         log_now = (step + 1) % config.log_freq == 0
         for _, layer in ttt_layers(lm):
             layer.capture = [] if log_now else None
+            layer.eta = eta_at(lm.ttt_config.eta, config.eta_warmup_steps, step)
         metrics = _train_step(config, dist, lm, model, batcher, optimizer)
         schedule.step()
         metrics["lr"] = schedule.get_last_lr()[0]
-        metrics["frames_per_s"] = rows_per_step * config.frames / (time.perf_counter() - start)
+        if step < config.eta_warmup_steps and ttt_layers(lm):
+            metrics["ttt_eta"] = ttt_layers(lm)[0][1].eta
+        seconds = time.perf_counter() - start
+        train_s += seconds
+        metrics["frames_per_s"] = rows_per_step * config.frames / seconds
+        metrics["train_s"] = train_s  # seconds this process spent in training steps (no evaluation)
         losses.append(metrics["loss"])
         progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
                              fps=f"{metrics['frames_per_s']:.0f}")
-        if log_now:
-            metrics.update(_update_norms(lm))
+        metrics.update(_update_norms(lm))  # from this step's batch, before any evaluation forward
+        if probe is not None and (step + 1) % config.eval_freq == 0:
+            recall = probe.measure(lm)
+            metrics.update(recall)
+            progress.write(f"step {step + 1}: held-out recall {100 * recall['recall/accuracy']:.1f}%, "
+                           f"answer CE {recall['recall/cross_entropy']:.3f}, "
+                           f"ratio {recall['recall/key_addressing_ratio']:.3g}")
+        if log_now or "recall/accuracy" in metrics:
             metrics_log.log(step + 1, metrics)
+        if log_now and dist.is_main and not interactive:
+            print(f"step {step + 1}/{config.max_steps}: loss {metrics['loss']:.3f}, lr {metrics['lr']:.2e}, "
+                  f"{metrics['frames_per_s']:.0f} frames/s, {train_s:.0f} s", flush=True)
         if (step + 1) % config.ckpt_freq == 0 or step + 1 == last_step:
             if dist.is_main:
                 state = {"step": step + 1, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
@@ -178,9 +243,12 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
         plot = plot_losses(run_dir)
         if plot is not None:
             print(f"losses plotted in {plot}")
+    result = {"losses": losses, "trainable": counts, "run_dir": str(run_dir)}
     if last_step == config.max_steps and dist.is_main:
+        if probe is not None:
+            result["recall"] = probe.final(lm, run_dir / "recall")
         _export(lm, config, run_dir / "final")
-    return {"losses": losses, "trainable": counts, "run_dir": str(run_dir)}
+    return result
 
 
 def _train_step(config: TrainConfig, dist: Distributed, lm: LMModel, model: torch.nn.Module,
@@ -198,8 +266,7 @@ def _train_step(config: TrainConfig, dist: Distributed, lm: LMModel, model: torc
     for i, (codes, segments, weights) in enumerate(batches):
         last = i == len(batches) - 1
         sync = contextlib.nullcontext() if (last or not dist.enabled) else model.no_sync()
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dist.device.type == "cuda" and config.bf16)
-        with sync, autocast, document_segments(lm, segments):
+        with sync, _autocast(config, dist.device), document_segments(lm, segments):
             parts = weighted_losses(model(codes), codes, weights)
             (parts / totals).sum().mul(dist.world_size).backward()
         sums += parts.detach()
@@ -212,6 +279,10 @@ def _train_step(config: TrainConfig, dist: Distributed, lm: LMModel, model: torc
     if not math.isfinite(text + audio):
         raise FloatingPointError(f"the loss is not finite (text {text}, audio {audio})")
     return {"loss": text + audio, "text_loss": text, "audio_loss": audio, **grad_norms}
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.bf16)
 
 
 def _grad_norms(lm: LMModel) -> dict[str, float]:
@@ -234,10 +305,22 @@ def _update_norms(lm: LMModel) -> dict[str, float]:
     return out
 
 
-def _resume(run_dir: Path, lm: LMModel, optimizer, schedule, batcher: SequenceBatcher) -> int:
+# Settings a resumed run may change: they do not change what it computes.
+RESUMABLE_CHANGES = ("run_dir", "device", "log_freq", "ckpt_freq", "keep_last")
+
+
+def _resume(run_dir: Path, config: TrainConfig, lm: LMModel, optimizer, schedule, batcher: SequenceBatcher) -> int:
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+    started = _flat(TrainConfig.from_dict(yaml.safe_load((checkpoints[-1] / "config.yaml").read_text())).to_dict())
+    now = _flat(config.to_dict())
+    changed = [key for key in sorted(set(started) | set(now))
+               if key not in RESUMABLE_CHANGES and started.get(key) != now.get(key)]
+    if changed:
+        listed = ", ".join(f"{k}: {started.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+        raise ValueError(f"--resume: the run in {run_dir} was started with other settings ({listed}); resume it "
+                         "with its own config (its config.yaml), or start a new run in another run_dir")
     state = load_checkpoint(checkpoints[-1], lm)
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
@@ -247,11 +330,83 @@ def _resume(run_dir: Path, lm: LMModel, optimizer, schedule, batcher: SequenceBa
     return state["step"]
 
 
+def _flat(data: dict[str, tp.Any], prefix: str = "") -> dict[str, tp.Any]:
+    """{"optim.lr": ..., ...} of a nested config dict."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "tiny":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def _export(lm: LMModel, config: TrainConfig, directory: Path) -> None:
-    """The trained model as a TTT model directory (LoRA merged), for load_ttt_lm and serving."""
+    """The trained model as a TTT model directory, or a plain Moshi one for a baseline (LoRA
+    merged), for load_ttt_lm, moshi's loader and serving."""
     from moshi.modules.lora import replace_lora_with_linear
     if config.mode == "lora":
         replace_lora_with_linear(lm)
-    save_ttt_lm(lm, directory)
+    (save_moshi_lm if config.baseline else save_ttt_lm)(lm, directory)
     print(f"trained model saved to {directory}")
+
+
+class RecallProbe:
+    """Recall on held-out synthetic documents of the training kind, during and after a run."""
+
+    FINAL_SCALE = 4  # the final evaluation reads this many times more documents
+
+    def __init__(self, config: TrainConfig, lm: LMModel):
+        from ..eval.recall import synthetic_recall_set
+        s = config.data.synthetic
+        self.config = config
+        self.settings = dict(frames=s.frames, pairs=s.pairs, spacing=s.spacing, speaker=s.speaker, audio=s.audio,
+                             seed=config.seed)
+        self.during = synthetic_recall_set(lm, documents=config.eval_documents, **self.settings)
+        self.context = lm.transformer.layers[0].self_attn.context
+        self.receptive_field = self.context * len(lm.transformer.layers) if self.context else None
+
+    @classmethod
+    def for_run(cls, config: TrainConfig, lm: LMModel) -> "RecallProbe | None":
+        if not config.do_eval:
+            return None
+        if config.data.source != "synthetic":
+            print(f"do_eval: no held-out evaluation for data.source={config.data.source!r} yet; "
+                  "evaluate the trained model with moshi-ttt eval")
+            return None
+        return cls(config, lm)
+
+    def _summary(self, lm: LMModel, recall_set) -> dict[str, tp.Any]:
+        from ..eval.recall import answer_questions, summarize
+        device = next(lm.parameters()).device
+        with _autocast(self.config, device):  # as in training: frozen bf16 and trained float32 weights mix
+            answers = answer_questions(lm, recall_set, batch_size=self.config.batch_size)
+        return summarize(answers, num_values=recall_set.num_values, context=self.context,
+                         receptive_field=self.receptive_field)
+
+    def measure(self, lm: LMModel) -> dict[str, float]:
+        summary = self._summary(lm, self.during)
+        return {f"recall/{k}": summary[k] for k in ("accuracy", "cross_entropy", "p_correct", "p_other",
+                                                       "key_addressing_ratio")}
+
+    def final(self, lm: LMModel, out: Path) -> dict[str, dict[str, tp.Any]]:
+        """Recall of the trained model (and, for TTT, of the same weights with TTT off), written
+        to `out` with a plot; the verdict is printed."""
+        from ..eval.recall import synthetic_recall_set, verdict, write_recall
+        from ..models import set_ttt_enabled
+        recall_set = synthetic_recall_set(lm, documents=self.FINAL_SCALE * self.config.eval_documents,
+                                          **self.settings)
+        name = "baseline trained without TTT" if self.config.baseline else "TTT"
+        results = {name: self._summary(lm, recall_set)}
+        if ttt_layers(lm):
+            set_ttt_enabled(lm, False)
+            try:
+                results["same weights, TTT off (diagnostic)"] = self._summary(lm, recall_set)
+            finally:
+                set_ttt_enabled(lm, True)
+        write_recall(results, out)
+        print(verdict(results, f"held-out recall, {recall_set.num_questions} questions "
+                               f"({recall_set.name}, spacing {self.settings['spacing']}):"))
+        print(f"recall written to {out}")
+        return results
 
