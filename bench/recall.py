@@ -39,8 +39,8 @@ from common import environment, markdown_table, write_results  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from moshi_ttt.eval.recall import answer_questions, summarize, synthetic_recall_set  # noqa: E402
-from moshi_ttt.models import load_moshi_lm, load_ttt_lm, set_ttt_enabled  # noqa: E402
+from moshi_ttt.eval.recall import answer_questions, attention_reach, summarize, synthetic_recall_set  # noqa: E402
+from moshi_ttt.models import load_lm  # noqa: E402
 from moshi_ttt.train import TrainConfig, train  # noqa: E402
 
 SECTIONS = ("main", "seeds", "distance", "capacity", "position", "retrofit", "speaker", "ablations")
@@ -116,20 +116,18 @@ class Bench:
                 "train_s": metrics[-1]["train_s"], "steps": config.max_steps, "curve": curve,
                 "final_loss": metrics[-1]["loss"], "final_text_loss": metrics[-1]["text_loss"], "change": change or {}}
 
-    def score(self, model_dir: Path, ttt_off: bool = False, **task) -> dict[str, tp.Any]:
+    def held_out(self, lm, documents: int, **task):
+        """Held-out documents of the default task, with `task` changing its layout."""
+        default = TrainConfig.from_dict(self.base)
+        return synthetic_recall_set(lm, documents=documents, seed=default.seed,
+                                    **{**default.data.synthetic.layout(), **task})
+
+    def score(self, model_dir: Path, **task) -> dict[str, tp.Any]:
         """Recall of a saved model on held-out documents of the given task settings."""
-        raw = json.loads((model_dir / "config.json").read_text())
-        lm = (load_ttt_lm if "ttt" in raw else load_moshi_lm)(model_dir, dtype=torch.float32).eval()
-        if ttt_off:
-            set_ttt_enabled(lm, False)
-        s = self.base["data"]["synthetic"]
-        settings = dict(frames=s["frames"], pairs=s["pairs"], spacing=s["spacing"], speaker=s["speaker"],
-                        audio=s["audio"], seed=self.base["seed"])
-        settings.update(task)
-        recall_set = synthetic_recall_set(lm, documents=self.documents, **settings)
-        context = lm.transformer.layers[0].self_attn.context
+        lm = load_lm(model_dir, dtype=torch.float32).eval()
+        recall_set = self.held_out(lm, self.documents, **task)
         return summarize(answer_questions(lm, recall_set, batch_size=16), num_values=recall_set.num_values,
-                         context=context, receptive_field=context * len(lm.transformer.layers))
+                         **attention_reach(lm))
 
 
 def headline(recall: dict[str, tp.Any]) -> dict[str, float]:
@@ -173,18 +171,13 @@ def position_section(bench: Bench, out: Path) -> dict[str, tp.Any]:
     from moshi_ttt.eval.long_context import evaluate_documents, write_curves
     curves = []
     for label, directory in (("TTT", "main"), ("baseline trained without TTT", "main-baseline")):
-        model_dir = bench.work / directory / "final"
-        raw = json.loads((model_dir / "config.json").read_text())
-        lm = (load_ttt_lm if "ttt" in raw else load_moshi_lm)(model_dir, dtype=torch.float32).eval()
-        s = bench.base["data"]["synthetic"]
-        recall_set = synthetic_recall_set(lm, documents=min(64, bench.documents), frames=2 * s["frames"],
-                                          pairs=s["pairs"], spacing=s["spacing"], speaker=s["speaker"],
-                                          audio=s["audio"], seed=bench.base["seed"])
+        lm = load_lm(bench.work / directory / "final", dtype=torch.float32).eval()
+        recall_set = bench.held_out(lm, min(64, bench.documents), frames=2 * bench.base["data"]["synthetic"]["frames"])
         window = bench.base["ttt"]["chunk_size"]  # the same windows for both models
         curves.append(evaluate_documents(lm, recall_set.documents, label, window=window, batch_size=16))
         answers = sorted({f.answer_frame for facts in recall_set.facts for f in facts})
-    context = lm.transformer.layers[0].self_attn.context
-    result = write_curves(curves, out / "recall_position", positions=answers, context=context, smooth=1)
+    result = write_curves(curves, out / "recall_position", positions=answers, context=attention_reach(lm)["context"],
+                          smooth=1)
     return {name: {"text_loss_at_answers": {p: c["text_loss_at"].get(str(p)) for p in answers},
                    "text_loss_mean": c["text_loss_mean"]} for name, c in result["summary"].items()}
 

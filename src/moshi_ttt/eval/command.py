@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import checkpoint_info, load_ttt_lm, set_ttt_enabled, ttt_layers
+from ..models import checkpoint_info, load_lm, set_ttt_enabled, ttt_layers
 from ..train.config import SyntheticConfig
 from ..utils.atomic import atomic_file
 
@@ -139,7 +139,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, tp.Any]:
             results["models"][label] = str(source)
             set_ttt_enabled(lm, enabled)
             if recall_sets:
-                recall_results[label] = _recall(lm, recall_sets, context, args.batch_size)
+                recall_results[label] = _recall(lm, recall_sets, args.batch_size)
             if documents:
                 window = 1 if args.engine == "stream" else (args.window or _default_window(lm, context))
                 curve = evaluate_documents(lm, documents, label, window=window, batch_size=args.batch_size,
@@ -191,18 +191,14 @@ def _recall_sets(args, lm) -> list:
             for pairs in args.recall_facts for frames in args.recall_frames]
 
 
-def _recall(lm, recall_sets: list, context: int | None, batch_size: int) -> dict[str, tp.Any]:
-    from .recall import answer_questions, summarize
+def _recall(lm, recall_sets: list, batch_size: int) -> dict[str, tp.Any]:
+    from .recall import answer_questions, attention_reach, summarize
     answers = [a for s in recall_sets for a in answer_questions(lm, s, batch_size=batch_size)]
-    return summarize(answers, num_values=recall_sets[0].num_values, context=context,
-                     receptive_field=context * len(lm.transformer.layers) if context else None)
+    return summarize(answers, num_values=recall_sets[0].num_values, **attention_reach(lm))
 
 
 def _load(source: str, device: str, dtype: torch.dtype):
-    info = checkpoint_info(source)
-    if "ttt" in (info.raw_config or {}):
-        return load_ttt_lm(source, device=device, dtype=dtype).eval(), info
-    return info.get_moshi(device=device, dtype=dtype).eval(), info
+    return load_lm(source, device=device, dtype=dtype).eval(), checkpoint_info(source)
 
 
 def _audio_tokenizer(info, lm, args):

@@ -169,6 +169,12 @@ def _score(log_p: torch.Tensor, facts: list[Fact], group: str) -> list[Answer]:
     return out
 
 
+def attention_reach(lm) -> dict[str, int | None]:
+    """The attention context of `lm` and how far a chain of attention reaches (layers x context)."""
+    context = lm.transformer.layers[0].self_attn.context
+    return {"context": context, "receptive_field": context * len(lm.transformer.layers) if context else None}
+
+
 def summarize(answers: list[Answer], *, num_values: int, context: int | None,
               receptive_field: int | None = None) -> dict[str, tp.Any]:
     """Accuracy, CE, p(correct), p(other open value), their ratio, chance and bag ceiling, and the

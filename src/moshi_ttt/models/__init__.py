@@ -2,7 +2,9 @@
 
 from .checkpoints import (
     checkpoint_info,
+    is_ttt_checkpoint,
     lm_from_checkpoint_info,
+    load_lm,
     load_moshi_lm,
     load_ttt_lm,
     load_ttt_weights,
@@ -21,7 +23,9 @@ __all__ = [
     "build_lm",
     "checkpoint_info",
     "document_segments",
+    "is_ttt_checkpoint",
     "lm_from_checkpoint_info",
+    "load_lm",
     "load_moshi_lm",
     "load_ttt_lm",
     "load_ttt_weights",

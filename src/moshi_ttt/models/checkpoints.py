@@ -99,7 +99,7 @@ def load_moshi_lm(source: str | Path, *, device: torch.device | str = "cpu",
                   dtype: torch.dtype = torch.bfloat16) -> LMModel:
     """A plain Moshi (no TTT) from a checkpoint directory or HF repo, recording its config."""
     info = checkpoint_info(source)
-    if "ttt" in (info.raw_config or {}):
+    if is_ttt_checkpoint(source):
         raise ValueError(f"{source} is a TTT model (its config.json has 'ttt'): load it with load_ttt_lm")
     try:
         lm = _moshi_get_moshi(info, device=device, dtype=dtype)
@@ -115,6 +115,18 @@ def _moshi_config(info: loaders.CheckpointInfo) -> dict[str, tp.Any]:
     for key in ("ttt", "ttt_name"):
         raw.pop(key, None)
     return raw
+
+
+def is_ttt_checkpoint(source: str | Path) -> bool:
+    """Whether a checkpoint is a saved TTT model (its config.json has "ttt"), not a plain Moshi."""
+    return "ttt" in (checkpoint_info(source).raw_config or {})
+
+
+def load_lm(source: str | Path, *, device: torch.device | str = "cpu",
+            dtype: torch.dtype = torch.bfloat16) -> LMModel:
+    """A checkpoint as it was saved: a TTT model with its TTT layers, a plain Moshi without."""
+    load = load_ttt_lm if is_ttt_checkpoint(source) else load_moshi_lm
+    return load(source, device=device, dtype=dtype)
 
 
 def load_ttt_lm(source: str | Path, ttt: TTTConfig | None = None, *,

@@ -41,8 +41,7 @@ def apply_ttt(lm_model: LMModel, config: TTTConfig) -> LMModel:
         raise ValueError("convert the LMModel before streaming with it, not inside `streaming(...)`")
     layers = lm_model.transformer.layers
     indices = config.layer_indices(len(layers))
-    x0_modules = None if config.x0_source in ("input", "hidden") else embedding_modules(lm_model, config.x0_source)
-    if config.x0_source in ("user", "text_user") and not embedding_modules(lm_model, "user"):
+    if config.x0_source in ("user", "text_user") and lm_model.num_audio_codebooks <= lm_model.dep_q:
         raise ValueError(f"ttt.x0_source={config.x0_source!r}: this model has no user audio stream")
     for i in indices:
         gating = layers[i].gating
@@ -50,7 +49,7 @@ def apply_ttt(lm_model: LMModel, config: TTTConfig) -> LMModel:
             raise TypeError(f"transformer layer {i}: expected an ActivationGating MLP, "
                             f"got {type(gating).__name__}")
         layers[i].gating = InPlaceTTTGating.from_gating(gating, **config.layer_kwargs())
-    _route_embeddings(lm_model, config.x0_source, x0_modules)
+    _route_embeddings(lm_model, config.x0_source)
     _forget_streaming_children(lm_model)
     lm_model.ttt_config = config
     return lm_model
@@ -87,13 +86,14 @@ def embedding_modules(lm_model: LMModel, source: str) -> list[nn.Module]:
     raise ValueError(f"x0_source={source!r} does not pick streams")
 
 
-def _route_embeddings(lm_model: LMModel, source: str, modules: list[nn.Module] | None) -> None:
+def _route_embeddings(lm_model: LMModel, source: str) -> None:
     transformer = lm_model.transformer
     if source == "input":
         provider = _first_input
     elif source == "hidden":
         provider = _no_embeddings
     else:
+        modules = embedding_modules(lm_model, source)
         for module in modules:
             module.register_forward_hook(_keep_output)
         provider = functools.partial(_take_kept_outputs, tuple(modules), source)

@@ -49,6 +49,12 @@ class SyntheticConfig:
     speaker: str = "text"  # text: the model's text stream states the facts; user: the user's audio
     audio: str = "noise"  # the audio codebooks that say no fact: uniform noise, or silence
 
+    def layout(self) -> dict[str, tp.Any]:
+        """What a document looks like: the keyword arguments of SyntheticDocuments and of
+        `eval.recall.synthetic_recall_set` beyond the stream layout."""
+        return dict(frames=self.frames, pairs=self.pairs, spacing=self.spacing, speaker=self.speaker,
+                    audio=self.audio)
+
 
 @dataclass
 class DataConfig:
@@ -174,7 +180,7 @@ class TrainConfig:
         data = data or {}
         model = data.get("model", "tiny") if isinstance(data, tp.Mapping) else "tiny"
         if model != "tiny":
-            data = _merged({**CHECKPOINT_DEFAULTS, "tiny": {}}, data)
+            data = _merged(CHECKPOINT_DEFAULTS, data)
         return _build(cls, data, "")
 
     @classmethod

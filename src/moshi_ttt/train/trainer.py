@@ -23,8 +23,8 @@ from moshi.models.lm import LMModel
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..models import (build_lm, checkpoint_info, document_segments, load_moshi_lm, load_ttt_lm, save_moshi_lm,
-                      save_ttt_lm, tiny_lm_config)
+from ..models import (build_lm, checkpoint_info, document_segments, is_ttt_checkpoint, load_moshi_lm, load_ttt_lm,
+                      save_moshi_lm, save_ttt_lm, set_ttt_enabled, tiny_lm_config)
 from ..models.convert import ttt_layers
 from ..utils.atomic import atomic_file
 from .batches import DocumentSource, SequenceBatcher
@@ -55,15 +55,12 @@ def build_model(config: TrainConfig, device: torch.device) -> LMModel:
     ttt = None if config.baseline else config.ttt
     if config.model == "tiny":
         lm = build_lm(tiny_lm_config(**config.tiny), ttt, seed=config.seed, device=device, dtype=dtype)
+    elif config.baseline:
+        _check_baseline_model(config)
+        lm = load_moshi_lm(config.model, device=device, dtype=dtype)
     else:
-        raw = checkpoint_info(config.model).raw_config or {}
-        if "ttt" in raw and config.baseline:
-            raise ValueError(f"baseline=true: model={config.model!r} is a TTT model; "
-                             "a baseline starts from a plain Moshi checkpoint")
-        if config.baseline:
-            lm = load_moshi_lm(config.model, device=device, dtype=dtype)
-        else:
-            lm = load_ttt_lm(config.model, None if "ttt" in raw else config.ttt, device=device, dtype=dtype)
+        saved = is_ttt_checkpoint(config.model)
+        lm = load_ttt_lm(config.model, None if saved else config.ttt, device=device, dtype=dtype)
     lm.train()
     lm.transformer.checkpointing = config.gradient_checkpointing
     return lm
@@ -73,11 +70,9 @@ def build_source(config: TrainConfig, lm: LMModel) -> DocumentSource:
     data = config.data
     if data.source == "synthetic":
         from .synthetic import SyntheticDocuments
-        s = data.synthetic
-        return SyntheticDocuments(s.num_documents, s.frames, s.pairs, num_codebooks=lm.num_codebooks,
-                                  dep_q=lm.dep_q, card=lm.card, text_card=lm.text_card,
-                                  text_padding_id=lm.text_padding_token_id, spacing=s.spacing,
-                                  speaker=s.speaker, audio=s.audio, seed=config.seed)
+        return SyntheticDocuments(data.synthetic.num_documents, num_codebooks=lm.num_codebooks, dep_q=lm.dep_q,
+                                  card=lm.card, text_card=lm.text_card, text_padding_id=lm.text_padding_token_id,
+                                  seed=config.seed, **data.synthetic.layout())
     if data.source == "codes":
         from .code_files import CodeFiles
         return CodeFiles(data.train_data, lm.num_codebooks)
@@ -141,9 +136,7 @@ def train_with_baseline(config: TrainConfig, resume: bool = False) -> dict[str, 
     if config.baseline:
         raise ValueError("--with-baseline: this config is already a baseline (baseline=true)")
     baseline = dataclasses.replace(config, baseline=True, run_dir=str(Path(config.run_dir) / "baseline"))
-    if config.model != "tiny" and "ttt" in (checkpoint_info(config.model).raw_config or {}):
-        raise ValueError(f"--with-baseline: model={config.model!r} is a TTT model; a baseline starts from a "
-                         "plain Moshi checkpoint")
+    _check_baseline_model(baseline)  # before the first run, not after it
     result = train(config, resume=resume)
     resume_baseline = resume and bool(list_checkpoints(Path(baseline.run_dir)))
     result["baseline"] = train(baseline, resume=resume_baseline)
@@ -157,6 +150,12 @@ def train_with_baseline(config: TrainConfig, resume: bool = False) -> dict[str, 
         print(f"comparison written to {out}")
         result["recall"] = compared
     return result
+
+
+def _check_baseline_model(config: TrainConfig) -> None:
+    if config.model != "tiny" and is_ttt_checkpoint(config.model):
+        raise ValueError(f"baseline=true: model={config.model!r} is a TTT model; "
+                         "a baseline starts from a plain Moshi checkpoint")
 
 
 def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int | None) -> dict[str, tp.Any]:
@@ -201,17 +200,18 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
     progress = tqdm(range(step, last_step), initial=step, total=config.max_steps, desc="train",
                     disable=not (dist.is_main and interactive))
     train_s = 0.0
+    fast_layers = ttt_layers(lm)
     for step in progress:
         start = time.perf_counter()
         log_now = (step + 1) % config.log_freq == 0
-        for _, layer in ttt_layers(lm):
+        for _, layer in fast_layers:
             layer.capture = [] if log_now else None
             layer.eta = eta_at(lm.ttt_config.eta, config.eta_warmup_steps, step)
         metrics = _train_step(config, dist, lm, model, batcher, optimizer)
         schedule.step()
         metrics["lr"] = schedule.get_last_lr()[0]
-        if step < config.eta_warmup_steps and ttt_layers(lm):
-            metrics["ttt_eta"] = ttt_layers(lm)[0][1].eta
+        if step < config.eta_warmup_steps and fast_layers:
+            metrics["ttt_eta"] = fast_layers[0][1].eta
         seconds = time.perf_counter() - start
         train_s += seconds
         metrics["frames_per_s"] = rows_per_step * config.frames / seconds
@@ -219,7 +219,7 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
         losses.append(metrics["loss"])
         progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
                              fps=f"{metrics['frames_per_s']:.0f}")
-        metrics.update(_update_norms(lm))  # from this step's batch, before any evaluation forward
+        metrics.update(_update_norms(fast_layers))  # from this step's batch, before any evaluation forward
         if probe is not None and (step + 1) % config.eval_freq == 0:
             recall = probe.measure(lm)
             metrics.update(recall)
@@ -293,11 +293,11 @@ def _grad_norms(lm: LMModel) -> dict[str, float]:
     return {f"grad_norm/{g}": math.sqrt(v) for g, v in squares.items() if v > 0}
 
 
-def _update_norms(lm: LMModel) -> dict[str, float]:
+def _update_norms(fast_layers: list) -> dict[str, float]:
     """Mean Frobenius norm of each TTT layer's per-chunk fast-weight update, eta * ||V^T Z||."""
     out = {}
     with torch.no_grad():
-        for name, layer in ttt_layers(lm):
+        for name, layer in fast_layers:
             norms = [layer.chunk_update_norms(z, v).flatten() for z, v in layer.capture or []]
             if norms:
                 out[f"fast_weight_update/{name}"] = torch.cat(norms).mean().item()
@@ -357,14 +357,11 @@ class RecallProbe:
     FINAL_SCALE = 4  # the final evaluation reads this many times more documents
 
     def __init__(self, config: TrainConfig, lm: LMModel):
-        from ..eval.recall import synthetic_recall_set
-        s = config.data.synthetic
+        from ..eval.recall import attention_reach, synthetic_recall_set
         self.config = config
-        self.settings = dict(frames=s.frames, pairs=s.pairs, spacing=s.spacing, speaker=s.speaker, audio=s.audio,
-                             seed=config.seed)
+        self.settings = dict(config.data.synthetic.layout(), seed=config.seed)
         self.during = synthetic_recall_set(lm, documents=config.eval_documents, **self.settings)
-        self.context = lm.transformer.layers[0].self_attn.context
-        self.receptive_field = self.context * len(lm.transformer.layers) if self.context else None
+        self.reach = attention_reach(lm)
 
     @classmethod
     def for_run(cls, config: TrainConfig, lm: LMModel) -> "RecallProbe | None":
@@ -381,8 +378,7 @@ class RecallProbe:
         device = next(lm.parameters()).device
         with _autocast(self.config, device):  # as in training: frozen bf16 and trained float32 weights mix
             answers = answer_questions(lm, recall_set, batch_size=self.config.batch_size)
-        return summarize(answers, num_values=recall_set.num_values, context=self.context,
-                         receptive_field=self.receptive_field)
+        return summarize(answers, num_values=recall_set.num_values, **self.reach)
 
     def measure(self, lm: LMModel) -> dict[str, float]:
         summary = self._summary(lm, self.during)
@@ -393,7 +389,6 @@ class RecallProbe:
         """Recall of the trained model (and, for TTT, of the same weights with TTT off), written
         to `out` with a plot; the verdict is printed."""
         from ..eval.recall import synthetic_recall_set, verdict, write_recall
-        from ..models import set_ttt_enabled
         recall_set = synthetic_recall_set(lm, documents=self.FINAL_SCALE * self.config.eval_documents,
                                           **self.settings)
         name = "baseline trained without TTT" if self.config.baseline else "TTT"
