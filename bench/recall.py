@@ -15,6 +15,14 @@ same way without TTT. Sections (all by default):
                the analogue of converting a pretrained Moshi
     speaker    facts the user says (their audio stream), with targets that can and cannot hear them
     ablations  one change at a time from the default: layers, eta, lr, x0 source, init, chunk, conv
+    stream     recall over streams of 125 and 625 documents (20,000 and 100,000 frames) without a
+               reset: the main job (trained on streams, forgetting factor 0.8), its baseline, and
+               what each of its ingredients does on its own
+    lmgen      the main job's model generating with moshi's LMGen for 100,000 frames (one
+               conversation, random user audio): every output finite, the fast-weight norms bounded
+
+Every section but `stream` starts from the per-document recipe (ONE_DOCUMENT: the main job
+before it learned to hold a memory over a stream; every document from fresh fast weights).
 
     python bench/recall.py                       # everything (about an hour on 2 CPU cores)
     python bench/recall.py --sections main distance capacity
@@ -28,6 +36,7 @@ interrupted benchmark continues where it stopped (--fresh trains everything agai
 import argparse
 import copy
 import json
+import math
 import shutil
 import sys
 import typing as tp
@@ -38,12 +47,19 @@ from common import environment, markdown_table, write_results  # noqa: E402
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from moshi_ttt.eval.recall import answer_questions, attention_reach, summarize, synthetic_recall_set  # noqa: E402
 from moshi_ttt.models import load_lm  # noqa: E402
 from moshi_ttt.train import TrainConfig, train  # noqa: E402
 
-SECTIONS = ("main", "seeds", "distance", "capacity", "position", "retrofit", "speaker", "ablations")
+SECTIONS = ("main", "seeds", "distance", "capacity", "position", "retrofit", "speaker", "ablations", "stream",
+            "lmgen")
+# The per-document recipe, from the main job's defaults: one document a row, never forgetting.
+ONE_DOCUMENT = {"reset_fast_weights": "document", "stream_from_step": 0, "batch_size": 8, "max_steps": 1200,
+                "ttt": {"forget": 1.0}, "data": {"synthetic": {"documents_per_row": 1}}}
+# The stream section scores every model itself; the runs skip the trainer's own stream recall.
+NO_STREAM_EVAL = {"eval_stream_documents": 0}
 ABLATIONS: list[tuple[str, dict[str, tp.Any] | tp.Callable[[int], dict[str, tp.Any]]]] = [
     ("TTT on layers 0 and 2", {"ttt": {"layers": [0, 2]}}),
     ("TTT on layer 1", {"ttt": {"layers": [1]}}),
@@ -81,9 +97,11 @@ class Bench:
         work.mkdir(parents=True, exist_ok=True)
         (work / MARKER).touch()
         self.work, self.documents, self.fresh = work, documents, fresh
-        self.base = TrainConfig().to_dict()
+        self.base = merge(merge(TrainConfig().to_dict(), ONE_DOCUMENT), NO_STREAM_EVAL)
+        self.streams = merge(TrainConfig().to_dict(), NO_STREAM_EVAL)  # the main job
         if steps is not None:
-            self.base["max_steps"] = steps
+            self.streams["stream_from_step"] = self.streams["stream_from_step"] * steps // self.streams["max_steps"]
+            self.base["max_steps"] = self.streams["max_steps"] = steps
         self.base.update(ckpt_freq=10 ** 9, eval_freq=max(1, self.base["max_steps"] // 10))
 
     def config(self, name: str, change: dict | None = None) -> TrainConfig:
@@ -209,6 +227,83 @@ def ablation_section(bench: Bench) -> dict[str, tp.Any]:
             for name, change in ABLATIONS}
 
 
+def stream_change(bench: Bench, **change) -> dict[str, tp.Any]:
+    """The main job's settings (training on streams) as a change to the per-document base."""
+    keys = ("reset_fast_weights", "stream_from_step", "batch_size", "max_steps")
+    out = {k: bench.streams[k] for k in keys}
+    out["ttt"] = {"forget": bench.streams["ttt"]["forget"]}
+    out["data"] = {"synthetic": {"documents_per_row": bench.streams["data"]["synthetic"]["documents_per_row"]}}
+    return merge(out, change)
+
+
+def stream_section(bench: Bench, out: Path) -> dict[str, tp.Any]:
+    """Each model over streams of held-out documents, never reset: the main job, its baseline, and
+    each ingredient alone (forgetting without streams, streams without forgetting)."""
+    from moshi_ttt.eval.stream_recall import stream_documents, stream_recall, text_loss_excess, write_stream_recall
+    forget = bench.streams["ttt"]["forget"]
+    task = TrainConfig.from_dict(bench.base).data.synthetic
+    runs = {
+        f"main job: streams, forget {forget}": ("stream", stream_change(bench)),
+        "baseline trained alike without TTT": ("stream-baseline", stream_change(bench, baseline=True)),
+        "one document at a time, never forgetting (issue 11)": ("main", None),
+        "baseline of that": ("main-baseline", {"baseline": True}),
+        f"one document at a time, forget {forget}": ("document-forget", {"ttt": {"forget": forget}}),
+        "streams, never forgetting": ("stream-keep", stream_change(bench, ttt={"forget": 1.0})),
+        f"streams of two documents (not four), forget {forget}": (
+            "stream-two", stream_change(bench, batch_size=2 * bench.streams["batch_size"],
+                                        data={"synthetic": {"documents_per_row": 2}})),
+        f"streams, forget {forget}, documents of 160-240 frames": (
+            "stream-varied", stream_change(bench, data={"synthetic": {"max_frames": 240}})),
+    }
+    results: dict[str, tp.Any] = {}
+    for length, documents in (("20k", 125), ("100k", 625)):
+        scored = {}
+        for label, (name, change) in runs.items():
+            if length == "100k" and name not in ("stream", "stream-baseline", "main"):
+                continue
+            record = bench.run(name, change)
+            lm = load_lm(bench.work / name / "final", dtype=torch.float32).eval()
+            recall_set = bench.held_out(lm, 4 * documents)
+            window = bench.base["tiny"]["context"]  # one attention context at a time, for every model
+            scored[label] = stream_recall(lm, stream_documents(recall_set, documents), window)
+            scored[label]["per_document_recall"] = record["recall"][next(iter(record["recall"]))]["accuracy"]
+        write_stream_recall(scored, out / f"recall_stream_{length}")
+        for label in scored:
+            for baseline in ("baseline trained alike without TTT", "baseline of that"):
+                if baseline in scored and baseline != label:
+                    scored[label].setdefault("text_loss_excess", {})[baseline] = text_loss_excess(
+                        scored, label, baseline, task.frames)
+        results[length] = {label: {k: v for k, v in s.items() if k not in ("text_loss", "fast_weight_norms")}
+                           for label, s in scored.items()}
+    return results
+
+
+def lmgen_section(bench: Bench, frames: int = 100_000, every: int = 1000) -> dict[str, tp.Any]:
+    """LMGen over one long conversation with the main job's model: each TTT layer's ||W - W0||_F every
+    `every` frames, all finite. (Sampling itself fails on a NaN or inf logit: a finished run had none.)"""
+    from moshi.models.lm import LMGen
+    from moshi_ttt.models import ttt_layers
+    bench.run("stream", stream_change(bench))
+    lm = load_lm(bench.work / "stream" / "final", dtype=torch.float32).eval()
+    gen = LMGen(lm, temp=0.8, temp_text=0.7)
+    generator = torch.Generator().manual_seed(0)
+    norms: dict[str, list[float]] = {name: [] for name, _ in ttt_layers(lm)}
+    finite = True
+    with torch.no_grad(), gen.streaming(1):
+        for t in tqdm(range(frames), desc="LMGen", unit="frame", mininterval=10):
+            user = torch.randint(0, lm.card, (1, lm.n_q - lm.dep_q, 1), generator=generator)
+            gen.step(user)
+            if (t + 1) % every == 0:
+                for name, layer in ttt_layers(lm):
+                    norms[name].append(float(layer.fast_weight_change_norms().max()))
+                finite = finite and all(math.isfinite(v[-1]) for v in norms.values())
+    tenth = max(1, len(next(iter(norms.values()))) // 10)
+    return {"frames": frames, "every": every, "finite": finite, "fast_weight_norms": norms,
+            "max_norm": {k: max(v) for k, v in norms.items()},
+            "first_tenth_max": {k: max(v[:tenth]) for k, v in norms.items()},
+            "last_tenth_max": {k: max(v[-tenth:]) for k, v in norms.items()}}
+
+
 def write_tables(results: dict[str, tp.Any], path: Path) -> None:
     lines = [f"Measured {results['environment']['date']} on {results['environment']['device']}, "
              f"torch {results['environment']['torch']}.", ""]
@@ -248,6 +343,31 @@ def write_tables(results: dict[str, tp.Any], path: Path) -> None:
         lines += ["## Text loss at the answer frames (documents twice as long, streamed)", "", markdown_table(
             ["frame"] + names, [[a] + [f"{p[n]['text_loss_at_answers'][a]:.3f}" for n in names] for a in answers]),
             "", "![loss by position](recall_position/loss_by_position.png)", ""]
+    if "stream" in results:
+        for length, scored in results["stream"].items():
+            first = next(iter(scored.values()))
+            lines += [f"## Recall over a stream of {first['documents_per_stream']} documents ({first['frames']} "
+                      "frames, no reset)", "", markdown_table(
+                          ["model", "per document %", "first %", "last %", "last quarter %", "text CE",
+                           "worst text-loss excess (nats, over one document)", "max norm W - W0"],
+                          [[label, f"{100 * s['per_document_recall']:.1f}",
+                            f"{100 * s['first_document']['accuracy']:.1f}",
+                            f"{100 * s['last_document']['accuracy']:.1f}", f"{100 * s['last_quarter']['accuracy']:.1f}",
+                            f"{s['text_loss_mean']:.3f}",
+                            "; ".join(f"{e['max_excess']:+.3f} vs {b} (frame {e['at_frame']})"
+                                      for b, e in s.get("text_loss_excess", {}).items()) or "-",
+                            ", ".join(f"{v:.3g}" for v in s["fast_weight_norm_max"].values()) or "-"]
+                           for label, s in scored.items()]), "",
+                      f"Chance {100 * first['chance']:.1f}%. "
+                      f"![recall over a stream](recall_stream_{length}/recall_stream.png)", ""]
+    if "lmgen" in results:
+        g = results["lmgen"]
+        lines += [f"## LMGen over {g['frames']} frames (one conversation, the main job's model)", "",
+                  markdown_table(["layer", "max norm W - W0", "max in the first tenth", "max in the last tenth",
+                                  "all finite"],
+                                 [[k, f"{g['max_norm'][k]:.4g}", f"{g['first_tenth_max'][k]:.4g}",
+                                   f"{g['last_tenth_max'][k]:.4g}", "yes" if g["finite"] else "NO"]
+                                  for k in g["max_norm"]]), ""]
     for section, title in (("seeds", "Other seeds (the default run)"),
                            ("retrofit", "Retrofit: the pretrained baseline, converted and finetuned"),
                            ("speaker", "Facts the user says"), ("ablations", "Ablations (one change each)")):
@@ -327,7 +447,8 @@ def main() -> None:
     results: dict[str, tp.Any] = {"environment": environment(torch.device("cpu")), "default": bench.base}
     runners = {"main": main_section, "seeds": seeds_section, "distance": distance_section, "capacity": capacity_section,
                "position": lambda b: position_section(b, args.out), "retrofit": retrofit_section,
-               "speaker": speaker_section, "ablations": ablation_section}
+               "speaker": speaker_section, "ablations": ablation_section,
+               "stream": lambda b: stream_section(b, args.out), "lmgen": lmgen_section}
     args.out.mkdir(parents=True, exist_ok=True)
     for section in sections:
         print(f"== {section}", flush=True)

@@ -19,11 +19,13 @@ def make_layer():
     """A small float64 TTT layer with random target weights, seeded; scan blocks of two
     chunks or so (8 positions), so the scan mixes its state with the dual form."""
     def make(dim=8, hidden=12, chunk_size=4, eta=0.5, kernel_size=2, kernel_past=0, clip_tau=None,
-             init="normal", init_std=0.3, algorithm="auto", scan_block=8, seed=0, dtype=torch.float64):
+             init="normal", init_std=0.3, algorithm="auto", scan_block=8, forget=1.0, seed=0,
+             dtype=torch.float64):
         torch.manual_seed(seed)
         layer = InPlaceTTTGating(dim, hidden, F.silu, chunk_size=chunk_size, eta=eta, kernel_size=kernel_size,
                                  kernel_past=kernel_past, clip_tau=clip_tau, init=init,
-                                 init_std=init_std, algorithm=algorithm, scan_block=scan_block, dtype=dtype)
+                                 init_std=init_std, algorithm=algorithm, scan_block=scan_block, forget=forget,
+                                 dtype=dtype)
         return layer.eval()
     return make
 

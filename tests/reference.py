@@ -6,10 +6,12 @@ Written from DESIGN.md's equations alone, sharing no code with the package.
 import torch
 
 
-def reference_inplace_ttt(x, x0, w_in, w0, activation, conv, proj, chunk_size, eta, clip_tau=None, past=0):
+def reference_inplace_ttt(x, x0, w_in, w0, activation, conv, proj, chunk_size, eta, clip_tau=None, past=0,
+                          forget=1.0):
     """Outputs [B, T, d] of In-Place TTT for every sample on its own.
 
-    x, x0: [B, T, d]; w_in: [2h, d]; w0: [d, h]; conv: [d, K], tap k reading t+k-past; proj: [d, d].
+    x, x0: [B, T, d]; w_in: [2h, d]; w0: [d, h]; conv: [d, K], tap k reading t+k-past; proj: [d, d];
+    forget: each chunk the change W - W0 decays by this factor before the chunk's update joins it.
     """
     x, x0, w_in, w0, conv, proj = (t.detach().double() for t in (x, x0, w_in, w0, conv, proj))
     B, T, d = x.shape
@@ -36,7 +38,7 @@ def reference_inplace_ttt(x, x0, w_in, w0, activation, conv, proj, chunk_size, e
                 norm = torch.linalg.norm(delta)
                 if norm > clip_tau:
                     delta = delta * (clip_tau / norm)
-            w = w + delta
+            w = w0 + forget * (w - w0) + delta
     return outputs
 
 
@@ -45,4 +47,4 @@ def reference_for_layer(layer, x, x0):
     return reference_inplace_ttt(
         x, x0, layer.linear_in.weight, layer.linear_out.weight, layer.activation,
         layer.ttt_target.conv, layer.ttt_target.proj.weight, layer.chunk_size, layer.eta, layer.clip_tau,
-        layer.kernel_past)
+        layer.kernel_past, layer.forget)

@@ -290,6 +290,26 @@ def test_eval_command_scores_recall_against_a_baseline(model_dir, tmp_path):
     assert "## Recall of facts" in text and "recall.png" in text and (report / "recall.png").is_file()
 
 
+def test_eval_command_scores_recall_over_a_stream(model_dir, tmp_path):
+    out, report = tmp_path / "out", tmp_path / "report"
+    results = eval_command(["--model", str(model_dir), "--model", f"baseline={tmp_path / 'plain'}",
+                            "--out", str(out), "--report", str(report), "--recall-stream", "3",
+                            "--recall-streams", "2", "--recall-frames", "40", "--recall-facts", "2",
+                            "--recall-spacing", "4", "--recall-documents", "2", "--device", "cpu",
+                            "--dtype", "float32"])
+    stream = results["recall_stream"]
+    assert list(stream) == ["ttt", "ttt (TTT off, same weights)", "baseline"]
+    for model, summary in stream.items():
+        assert summary["streams"] == 2 and summary["frames"] == 120 and len(summary["per_document"]) == 3
+        assert set(summary["text_loss_excess"]) == set(stream) - {model}
+    for name in ("recall_stream.json", "recall_stream.csv", "recall_stream.png"):
+        assert (out / name).is_file(), name
+    text = (report / "report.md").read_text()
+    assert "## Recall over a long conversation" in text and (report / "recall_stream.png").is_file()
+    with pytest.raises(SystemExit):
+        eval_command(["--model", str(model_dir), "--out", str(out), "--recall-stream", "-1"])
+
+
 def test_eval_command_refuses_what_it_cannot_do(model_dir, tmp_path):
     out = str(tmp_path / "out")
     with pytest.raises(SystemExit, match="both get the label 'x'"):

@@ -13,16 +13,18 @@ from reference import reference_for_layer
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def cuda_layer(dtype, chunk_size=16, clip_tau=None, algorithm="auto"):
+def cuda_layer(dtype, chunk_size=16, clip_tau=None, algorithm="auto", forget=1.0):
     torch.manual_seed(0)
     return InPlaceTTTGating(64, 176, F.silu, chunk_size=chunk_size, eta=0.05, clip_tau=clip_tau,
-                            init="normal", init_std=0.1, algorithm=algorithm, device="cuda", dtype=dtype).eval()
+                            init="normal", init_std=0.1, algorithm=algorithm, forget=forget, device="cuda",
+                            dtype=dtype).eval()
 
 
 @pytest.mark.parametrize("clip_tau", [None, 0.5])
 @pytest.mark.parametrize("algorithm", ["dual", "scan"])
-def test_bf16_matches_reference(clip_tau, algorithm):
-    layer = cuda_layer(torch.bfloat16, clip_tau=clip_tau, algorithm=algorithm)
+@pytest.mark.parametrize("forget", [1.0, 0.7])
+def test_bf16_matches_reference(clip_tau, algorithm, forget):
+    layer = cuda_layer(torch.bfloat16, clip_tau=clip_tau, algorithm=algorithm, forget=forget)
     x, x0 = (t.to("cuda", torch.bfloat16) for t in random_inputs(3, 5 * 16 + 3, 64))
     ref = reference_for_layer(layer.cpu(), x.cpu(), x0.cpu())
     layer.cuda()
@@ -46,10 +48,10 @@ def test_bf16_gradients_match_float64(algorithm, scores_kept_or_recomputed):
         assert (low - high).abs().max() <= 0.03 * high.abs().max()
 
 
-@pytest.mark.parametrize("clip_tau", [None, 0.5])
-def test_token_step_under_cuda_graph(clip_tau):
-    """The step is captured once and replayed: every chunk update must still happen."""
-    layer = cuda_layer(torch.float32, chunk_size=8, clip_tau=clip_tau)
+@pytest.mark.parametrize("clip_tau,forget", [(None, 1.0), (0.5, 1.0), (None, 0.7)])
+def test_token_step_under_cuda_graph(clip_tau, forget):
+    """The step is captured once and replayed: every chunk update (and its forgetting) must still happen."""
+    layer = cuda_layer(torch.float32, chunk_size=8, clip_tau=clip_tau, forget=forget)
     x, x0 = (t.to("cuda", torch.float32) for t in random_inputs(2, 6 * 8 + 3, 64))
     eager = stream(layer, x, x0, [1])
     step = CUDAGraphed(layer)

@@ -7,6 +7,8 @@ For T positions, blocks of L = k C positions, d = dim, h = hidden:
   the dual form inside each block      C^2 k (k - 1) (3h + 3d) per block, kept scores
                                        C^2 k (k - 1) (4h + 4d) per block, recomputed
   the target generator (d x d)         6 T d^2
+  a forgetting factor < 1              2 (T - L) d h    (the slow weight's gradient is its own
+                                                          product: the state's gradient decays)
 """
 
 import sys
@@ -23,10 +25,11 @@ from layer import matmul_flops  # noqa: E402
 DIM, HIDDEN, C, T = 16, 40, 8, 48
 
 
-def expected_flops(block: int, per_pair: int) -> int:
+def expected_flops(block: int, per_pair: int, forgets: bool = False) -> int:
     k = block // C
     dual = (T // block) * C * C * k * (k - 1) * per_pair
-    return 18 * T * DIM * HIDDEN + 12 * (T - block) * DIM * HIDDEN + dual + 6 * T * DIM * DIM
+    state = (14 if forgets else 12) * (T - block) * DIM * HIDDEN
+    return 18 * T * DIM * HIDDEN + state + dual + 6 * T * DIM * DIM
 
 
 def counted_flops(layer) -> int:
@@ -40,6 +43,13 @@ def test_scan_and_dual_products(make_layer, block):
     layer = make_layer(dim=DIM, hidden=HIDDEN, chunk_size=C, algorithm="scan", scan_block=block,
                        dtype=torch.float32).train()
     assert counted_flops(layer) == expected_flops(block, 3 * HIDDEN + 3 * DIM)
+
+
+@pytest.mark.parametrize("block", [C, 2 * C, 3 * C, T])
+def test_forgetting_costs_the_shared_weight_gradient(make_layer, block):
+    layer = make_layer(dim=DIM, hidden=HIDDEN, chunk_size=C, algorithm="scan", scan_block=block, forget=0.5,
+                       dtype=torch.float32).train()
+    assert counted_flops(layer) == expected_flops(block, 3 * HIDDEN + 3 * DIM, forgets=True)
 
 
 def test_recomputed_scores_cost_a_product_more(make_layer, monkeypatch):

@@ -19,7 +19,8 @@ from moshi_ttt.train.modes import apply_mode
 SMALL = {"max_steps": 8, "batch_size": 2, "seq_frames": 96, "log_freq": 1, "ckpt_freq": 4,
          "mode": "ttt_layers", "optim": {"lr": 1e-3},
          "ttt": {"every": 2, "chunk_size": 32, "init": "normal", "init_std": 0.05, "eta": 0.05},
-         "eval_documents": 4, "data": {"synthetic": {"num_documents": 16, "frames": 64, "pairs": 3, "spacing": 8}}}
+         "eval_documents": 4, "eval_stream_documents": 0, "reset_fast_weights": "document", "stream_from_step": 0,
+         "data": {"synthetic": {"num_documents": 16, "frames": 64, "pairs": 3, "spacing": 8}}}
 
 
 def config(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
@@ -138,6 +139,10 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     ({"duration_sec": 10.0, "seq_frames": 96}, r"give at most one of the two"),
     ({"ttt": {"chunk_size": 0}}, r"ttt: ttt.chunk_size=0"),
     ({"data": {"synthetic": {"frames": 10}}}, None),
+    ({"reset_fast_weights": "never"}, r"reset_fast_weights='never': expected one of \('document', 'row'\)"),
+    ({"data": {"synthetic": {"max_frames": 100}}}, r"data.synthetic.max_frames=100: expected an integer >= 160"),
+    ({"data": {"synthetic": {"documents_per_row": 0}}}, r"data.synthetic.documents_per_row=0: expected an integer"),
+    ({"ttt": {"forget": 0}}, r"ttt.forget=0: expected a number in \(0, 1\]"),
 ])
 def test_bad_config_names_the_field(data, match):
     if match is None:
@@ -216,9 +221,12 @@ def test_the_baseline_trains_the_same_run_without_ttt(tmp_path):
 
 
 def test_with_baseline_compares_both_runs(tmp_path, capsys):
-    run = config(tmp_path, max_steps=2, ckpt_freq=2, eval_freq=1, eval_documents=2)
+    run = config(tmp_path, max_steps=2, ckpt_freq=2, eval_freq=1, eval_documents=2, eval_stream_documents=3)
     result = trainer.train_with_baseline(run)
     assert set(result["recall"]) == {"TTT", "same weights, TTT off (diagnostic)", "baseline trained without TTT"}
+    assert set(result["recall_stream"]) == set(result["recall"])
+    assert all(s["documents_per_stream"] == 3 and s["streams"] == 4 for s in result["recall_stream"].values())
+    assert (tmp_path / "run" / "recall" / "recall_stream.png").is_file()
     recall = json.loads((tmp_path / "run" / "recall" / "recall.json").read_text())
     assert set(recall) == set(result["recall"])
     assert (tmp_path / "run" / "recall" / "recall.png").is_file()
@@ -227,6 +235,7 @@ def test_with_baseline_compares_both_runs(tmp_path, capsys):
     assert [e["step"] for e in logged if "recall/accuracy" in e] == [1, 2]
     out = capsys.readouterr().out
     assert "baseline trained without TTT" in out and "chance 1/56" in out
+    assert "recall over streams of 3 documents" in out and "worst mean over one document's span" in out
 
 
 def test_eta_warms_up_then_stays(tmp_path):
@@ -242,8 +251,11 @@ def test_eta_warms_up_then_stays(tmp_path):
 
 
 def test_rows_hold_one_synthetic_document_unless_told():
-    assert TrainConfig().frames == TrainConfig().data.synthetic.frames
-    assert TrainConfig.from_dict({"data": {"synthetic": {"frames": 300}}}).frames == 300
+    assert TrainConfig().frames == 4 * TrainConfig().data.synthetic.frames  # the main job: four a row
+    one = {"documents_per_row": 1}
+    assert TrainConfig.from_dict({"data": {"synthetic": one}}).frames == TrainConfig().data.synthetic.frames
+    assert TrainConfig.from_dict({"data": {"synthetic": {"frames": 300}}}).frames == 1200
+    assert TrainConfig.from_dict({"data": {"synthetic": {"frames": 300, **one}}}).frames == 300
     assert TrainConfig.from_dict({"duration_sec": 100}).frames == 1250
     assert TrainConfig.from_dict({"seq_frames": 64}).frames == 64
     assert TrainConfig.from_dict({"data": {"source": "codes", "train_data": "x"}}).frames == 256
@@ -263,6 +275,7 @@ def test_a_checkpoint_starts_from_the_library_defaults_not_the_tiny_recipe():
     config = TrainConfig.from_dict({"model": "kyutai/moshiko-pytorch-bf16", "ttt": {"chunk_size": 256}})
     expected = TTTConfig(chunk_size=256)
     assert config.ttt == expected and config.mode == "ttt_layers" and config.optim.lr == 2e-6
+    assert (config.reset_fast_weights, config.stream_from_step, config.frames) == ("document", 0, 160)
     assert TrainConfig.from_dict({"model": "kyutai/moshiko-pytorch-bf16", "mode": "lora"}).mode == "lora"
     tiny = TrainConfig.from_dict({"ttt": {"chunk_size": 16}})
     assert tiny.ttt.layers == TrainConfig().ttt.layers and tiny.mode == "full"
@@ -289,3 +302,38 @@ def test_configs_round_trip_through_their_yaml():
         TrainConfig.from_dict({"ttt": {"layers": [0], "every": 2}})
     with pytest.raises(ValueError, match=r"model=None: expected 'tiny'"):
         TrainConfig.from_dict({"model": None})
+
+
+def test_rows_without_reset_share_fast_weights(tmp_path, monkeypatch):
+    """reset_fast_weights=row: a row's documents reach the TTT layers as one segment; the
+    default gives each its own."""
+    seen = []
+    real = trainer.document_segments
+
+    def spy(lm, segments):
+        seen.append(segments.clone())
+        return real(lm, segments)
+    monkeypatch.setattr(trainer, "document_segments", spy)
+    for reset, from_step, expected in (("document", 0, [3, 3]), ("row", 0, [1, 1]), ("row", 1, [3, 1])):
+        seen.clear()
+        train(config(tmp_path, f"{reset}-{from_step}", max_steps=2, ckpt_freq=2, do_eval=False, seq_frames=160,
+                     reset_fast_weights=reset, stream_from_step=from_step))
+        # 160 frames a row: pieces of 64, 64 and 32 frames.
+        assert [max(int(row.unique().numel()) for row in step) for step in seen] == expected
+
+
+def test_documents_of_varied_length():
+    from moshi_ttt.train.synthetic import SyntheticDocuments
+    docs = SyntheticDocuments(32, 64, 3, num_codebooks=5, dep_q=2, card=64, text_card=120, text_padding_id=3,
+                              spacing=8, max_frames=96)
+    lengths = [docs.num_frames(i) for i in range(32)]
+    assert min(lengths) >= 64 and max(lengths) <= 96 and len(set(lengths)) > 5
+    for i in range(32):
+        codes, facts = docs[i], docs.facts(i)
+        assert codes.shape[1] == lengths[i]
+        assert max(f.answer_frame for f in facts) == lengths[i] - 1  # the last answer is the last frame
+        for f in facts:
+            assert codes[0, f.answer_frame] == f.value and codes[0, f.answer_frame - 1] == f.key
+    same = SyntheticDocuments(32, 64, 3, num_codebooks=5, dep_q=2, card=64, text_card=120, text_padding_id=3,
+                              spacing=8)
+    assert all(same.num_frames(i) == 64 for i in range(32))

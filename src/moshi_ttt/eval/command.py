@@ -45,6 +45,11 @@ def eval_parser() -> argparse.ArgumentParser:
                         help="the audio codebooks that say no fact")
     recall.add_argument("--recall-documents", type=int, default=128, help="documents per set")
     recall.add_argument("--recall-seed", type=int, default=0, help="seed of the held-out documents")
+    recall.add_argument("--recall-stream", type=int, default=0, metavar="N",
+                        help="also: recall over streams of N documents read without a reset (a long "
+                             "conversation; the first --recall-frames and --recall-facts), 0: off")
+    recall.add_argument("--recall-streams", type=int, default=4, metavar="S",
+                        help="streams for --recall-stream (one batch row each)")
     recall.add_argument("--recall-codes", type=Path, metavar="DIR",
                         help="instead: .npy code documents with their facts in DIR/facts.json "
                              "(see moshi_ttt.eval.recall.code_recall_set)")
@@ -80,10 +85,12 @@ def eval_command(argv: list[str]) -> dict[str, tp.Any]:
     parser = eval_parser()
     args = parser.parse_args(argv)
     args.labels = model_labels(args.model)
-    for name in ("recall_documents", "recall_spacing", "batch_size"):
+    for name in ("recall_documents", "recall_spacing", "recall_streams", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: expected an integer >= 1")
-    args.recall = args.recall or args.recall_codes is not None
+    if args.recall_stream < 0:
+        parser.error(f"--recall-stream={args.recall_stream}: expected a number of documents >= 1, or 0 (off)")
+    args.recall = args.recall or args.recall_codes is not None or args.recall_stream > 0
     if not (args.recall or args.long_audio or args.long_codes or args.zerospeech or args.sstorycloze
             or args.tstorycloze):
         parser.error("nothing to evaluate: give --recall, --long-audio, --long-codes, --zerospeech, "
@@ -117,6 +124,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, tp.Any]:
     from .diagnostics import activity, ttt_diagnostics, write_diagnostics
     from .long_context import evaluate_documents, write_curves
     from .report import write_report
+    from .stream_recall import stream_recall
 
     dtype = getattr(torch, args.dtype)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -126,12 +134,14 @@ def run_eval(args: argparse.Namespace) -> dict[str, tp.Any]:
     benchmarks = _benchmark_pairs(args, zerospeech_pairs, storycloze_pairs)
     curves, plots, context, chunk_sizes = [], [], None, {}
     recall_results: dict[str, dict[str, tp.Any]] = {}
+    stream_results: dict[str, dict[str, tp.Any]] = {}
     for name, source in args.labels:
         lm, info = _load(source, args.device, dtype)
         tokenizer = _audio_tokenizer(info, lm, args) if (benchmarks or args.long_audio) else None
         documents = _documents(args, lm, tokenizer)
         context = lm.transformer.layers[0].self_attn.context
         recall_sets = _recall_sets(args, lm) if args.recall else []
+        streams = _recall_streams(args, lm) if args.recall_stream else []
         has_ttt = bool(ttt_layers(lm))
         variants = [(name, True)] + ([(f"{name} (TTT off, same weights)", False)]
                                      if has_ttt and not args.no_ttt_off else [])
@@ -140,6 +150,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, tp.Any]:
             set_ttt_enabled(lm, enabled)
             if recall_sets:
                 recall_results[label] = _recall(lm, recall_sets, args.batch_size)
+            if streams:
+                stream_results[label] = stream_recall(lm, streams, args.window or _default_window(lm, context))
             if documents:
                 window = 1 if args.engine == "stream" else (args.window or _default_window(lm, context))
                 curve = evaluate_documents(lm, documents, label, window=window, batch_size=args.batch_size,
@@ -161,6 +173,17 @@ def run_eval(args: argparse.Namespace) -> dict[str, tp.Any]:
         results["recall"] = recall_results
         plots += write_recall(recall_results, args.out)
         print(verdict(recall_results, "recall of facts on held-out documents:"))
+    if stream_results:
+        from .stream_recall import stream_verdict, text_loss_excess, write_stream_recall
+        plots += write_stream_recall(stream_results, args.out)
+        first = next(iter(stream_results.values()))
+        span = first["frames"] // first["documents_per_stream"]  # one document's frames, on average
+        results["recall_stream"] = {
+            model: {**{k: v for k, v in s.items() if k != "text_loss"},
+                    "text_loss_excess": {other: text_loss_excess(stream_results, model, other, span)
+                                         for other in stream_results if other != model}}
+            for model, s in stream_results.items()}
+        print(stream_verdict(stream_results))
     if curves:
         results["long_context"] = write_curves(curves, args.out, positions=args.positions, context=context)
         plots.append(args.out / "loss_by_position.png")
@@ -189,6 +212,20 @@ def _recall_sets(args, lm) -> list:
                                  spacing=args.recall_spacing, speaker=args.recall_speaker, audio=args.recall_audio,
                                  seed=args.recall_seed)
             for pairs in args.recall_facts for frames in args.recall_frames]
+
+
+def _recall_streams(args, lm) -> list:
+    from .recall import code_recall_set, synthetic_recall_set
+    from .stream_recall import stream_documents
+    needed = args.recall_stream * args.recall_streams
+    if args.recall_codes is not None:
+        source = code_recall_set(args.recall_codes, lm.num_codebooks)
+    else:
+        source = synthetic_recall_set(lm, documents=needed, frames=args.recall_frames[0], pairs=args.recall_facts[0],
+                                      spacing=args.recall_spacing, speaker=args.recall_speaker,
+                                      audio=args.recall_audio, seed=args.recall_seed)
+    streams = stream_documents(source, args.recall_stream)
+    return streams[:args.recall_streams]
 
 
 def _recall(lm, recall_sets: list, batch_size: int) -> dict[str, tp.Any]:

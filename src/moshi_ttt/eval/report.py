@@ -19,6 +19,9 @@ def write_report(directory: Path, results: dict[str, tp.Any], plots: list[Path])
     recall = results.get("recall")
     if recall:
         lines += _recall_section(recall)
+    stream = results.get("recall_stream")
+    if stream:
+        lines += _stream_section(stream)
 
     benchmarks = results.get("benchmarks", {})
     if benchmarks:
@@ -123,6 +126,24 @@ def _recall_section(recall: dict[str, dict[str, tp.Any]]) -> list[str]:
     lines += _table(["model"] + [f"{lo}-{hi}" for lo, hi in bins],
                     [[m] + [f"{100 * b['accuracy']:.1f}" for b in s["by_distance"]] for m, s in recall.items()])
     return lines + ["", "![recall by distance](recall.png)", ""]
+
+
+def _stream_section(stream: dict[str, dict[str, tp.Any]]) -> list[str]:
+    first = next(iter(stream.values()))
+    lines = ["## Recall over a long conversation", "",
+             f"{first['streams']} streams of {first['documents_per_stream']} held-out documents "
+             f"({first['frames']} frames each), read without a reset: fast weights and KV cache carry from "
+             f"one document to the next, and keys come back with new values. Top-1 recall of each "
+             f"document's facts (chance {100 * first['chance']:.1f}%) and the stream's mean text cross-entropy; "
+             "the worst excess is the largest amount by which a model's text loss, averaged over one "
+             "document's span, exceeds the other model's.", ""]
+    lines += _table(["model", "first document %", "last document %", "last quarter %", "text CE", "worst excess"],
+                    [[m, f"{100 * s['first_document']['accuracy']:.1f}", f"{100 * s['last_document']['accuracy']:.1f}",
+                      f"{100 * s['last_quarter']['accuracy']:.1f}", f"{s['text_loss_mean']:.3f}",
+                      "; ".join(f"{e['max_excess']:+.3f} over {o} (frame {e['at_frame']})"
+                                for o, e in s["text_loss_excess"].items()) or "-"]
+                     for m, s in stream.items()])
+    return lines + ["", "![recall over a stream](recall_stream.png)", ""]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

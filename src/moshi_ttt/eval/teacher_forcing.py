@@ -33,14 +33,12 @@ def position_losses(lm: LMModel, codes: torch.Tensor, window: int = 1) -> tuple[
     B, K, T = codes.shape
     if K != lm.num_codebooks:
         raise ValueError(f"codes have {K} streams: this model expects {lm.num_codebooks}")
-    initial = lm._get_initial_token().expand(B, -1, -1)
-    delayed = torch.cat([initial, _delay_sequence(lm.delays, codes, initial)], dim=2)
-    inputs, targets = delayed[:, :, :-1], delayed[:, :, 1:]
+    inputs, targets = delayed_inputs(lm, codes)
     scored = 1 + lm.dep_q
     losses = torch.full((B, scored, T), float("nan"), device=codes.device)
     with lm.streaming(B):
         if window > 1:
-            _widen_kv_caches(lm, window)
+            widen_kv_caches(lm, window)
         for start in range(0, T, window):
             end = min(start + window, T)
             hidden, text_logits = lm.forward_text(inputs[:, :, start:end])
@@ -53,6 +51,14 @@ def position_losses(lm: LMModel, codes: torch.Tensor, window: int = 1) -> tuple[
     return losses, fast_weights
 
 
+def delayed_inputs(lm: LMModel, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's inputs and targets for codes [B, K, T], each [B, K, T]: the streams
+    delayed, the initial token first. The input at t predicts the target at t."""
+    initial = lm._get_initial_token().expand(codes.shape[0], -1, -1)
+    delayed = torch.cat([initial, _delay_sequence(lm.delays, codes, initial)], dim=2)
+    return delayed[:, :, :-1], delayed[:, :, 1:]
+
+
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token CE [B, k, w] for logits [B, k, w, card]; NaN where the target is no token or the
     initial token (the delay's padding)."""
@@ -61,7 +67,7 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, ce.view(targets.shape), float("nan"))
 
 
-def _widen_kv_caches(lm: LMModel, window: int) -> None:
+def widen_kv_caches(lm: LMModel, window: int) -> None:
     """Give every streaming KV cache `context + window` slots (the mask still keeps `context`)."""
     for module in lm.transformer.modules():
         if not isinstance(module, StreamingMultiheadAttention):

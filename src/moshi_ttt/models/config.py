@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from ..modules.targets import TARGET_INITS
-from ..ops import ALGORITHMS
+from ..ops import ALGORITHMS, check_forget
 
 X0Source = tp.Literal["input", "text", "user", "text_user", "hidden"]
 X0_SOURCES: tuple[str, ...] = tp.get_args(X0Source)
@@ -32,6 +32,8 @@ class TTTConfig:
         kernel_past: ... or t-P .. t+K-1-P with P taps on the past (official code: K=5, P=2).
         init, init_std: target generator init ("warm", "next_token", "normal", "official").
         clip_tau: Frobenius-norm clip of each chunk's update, None for no clip.
+        forget: the forgetting factor lambda in (0, 1]: each chunk the fast weights'
+            change decays toward W0 by lambda; 1 keeps every update (docs/recall.md).
         x0_source: the embeddings X0 the targets are made from: "input" (the sum of
             every stream's embedding, the transformer's input), "text" (the text
             stream's embedding only), "user" (the user's audio codebooks'),
@@ -51,6 +53,7 @@ class TTTConfig:
     init: str = "next_token"  # docs/recall.md: learns far sooner than "warm" or "official"
     init_std: float = 0.02
     clip_tau: float | None = None
+    forget: float = 1.0
     x0_source: str = "text_user"  # what is said, by either side; not Moshi's own audio (docs/recall.md)
     algorithm: str = "auto"
     scan_block: int | None = None
@@ -78,6 +81,7 @@ class TTTConfig:
         _check_number("init_std", self.init_std, minimum=0.0, strict=True)
         if self.clip_tau is not None:
             _check_number("clip_tau", self.clip_tau, minimum=0.0, strict=True)
+        check_forget(self.forget, "ttt.forget")
         if self.init not in TARGET_INITS:
             raise ValueError(f"ttt.init={self.init!r}: expected one of {TARGET_INITS}")
         _check_int("kernel_past", self.kernel_past, minimum=0)
@@ -111,7 +115,7 @@ class TTTConfig:
         """Keyword arguments of `InPlaceTTTGating` that this config sets."""
         return dict(chunk_size=self.chunk_size, eta=self.eta, kernel_size=self.kernel_size,
                     kernel_past=self.kernel_past,
-                    clip_tau=self.clip_tau, init=self.init, init_std=self.init_std,
+                    clip_tau=self.clip_tau, forget=self.forget, init=self.init, init_std=self.init_std,
                     algorithm=self.algorithm, scan_block=self.scan_block)
 
     def to_dict(self) -> dict[str, tp.Any]:

@@ -11,7 +11,8 @@ has no branch on data and a constant cost:
   next chunk, ceil(d / C) rows of `delta` per step. Until a row is folded, its
   contribution reaches the output through the dual form
   `(z Z_prev^T) V_prev`, so every token of chunk i sees exactly the updates of
-  chunks < i, as in the parallel form.
+  chunks < i, as in the parallel form. With a forgetting factor lambda < 1, a row
+  is multiplied by lambda when it is folded, and read times lambda until then.
 - Targets are computed as the embeddings arrive; the target of position q is
   final once position q+K-1-P (or the chunk's end) is seen, P the conv's taps on
   the past. The squared norm of the chunk's delta, for the clip, accumulates the
@@ -44,12 +45,16 @@ class FastWeightState(State):
     slot: torch.Tensor          # [B] ring half holding the current chunk (0 or 1)
     prev_scale: torch.Tensor    # [B] clip factor of the previous chunk, 0 when there is none
     cur_sq_norm: torch.Tensor   # [B] ||V^T Z||_F^2 over the final rows of the current chunk
+    prev_keep: torch.Tensor     # [B] factor of delta's rows not yet folded: lambda after a chunk, 1 after
+                                # settle(), 0 before the first chunk ends (delta is 0 then)
     use_kernels: bool = False   # token steps through the Triton kernels (`ops.step_kernels`)
     past: int = 0               # the target conv's taps on the past
+    forget: float = 1.0         # lambda, the forgetting factor of each chunk's fold (1: none)
 
     @classmethod
     def zeros(cls, batch_size: int, dim: int, hidden: int, chunk_size: int, kernel_size: int,
-              device: torch.device, model_dtype: torch.dtype, past: int = 0) -> "FastWeightState":
+              device: torch.device, model_dtype: torch.dtype, past: int = 0,
+              forget: float = 1.0) -> "FastWeightState":
         cd = compute_dtype(model_dtype)
         op = operand_dtype(model_dtype, device)
 
@@ -67,8 +72,11 @@ class FastWeightState(State):
             slot=z(batch_size, dt=torch.long),
             prev_scale=z(batch_size),
             cur_sq_norm=z(batch_size),
-            use_kernels=kernels_enabled(device, model_dtype) and past == 0,  # the kernels read forward only
+            prev_keep=z(batch_size),
+            # The kernels read forward targets only, and never forget.
+            use_kernels=kernels_enabled(device, model_dtype) and past == 0 and forget == 1.0,
             past=past,
+            forget=forget,
         )
 
     @property
@@ -87,7 +95,7 @@ class FastWeightState(State):
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
         for t in (self.delta, self.delta_read, self.z_ring, self.v_ring, self.x0_tail, self.pos,
-                  self.slot, self.prev_scale, self.cur_sq_norm):
+                  self.slot, self.prev_scale, self.cur_sq_norm, self.prev_keep):
             mask = reset_mask.view(-1, *([1] * (t.dim() - 1)))
             t.masked_fill_(mask, 0)
 
@@ -101,29 +109,51 @@ class FastWeightState(State):
         if self.delta_read is not self.delta:
             self.delta_read.copy_(self.delta)
 
+    def _unfolded(self) -> torch.Tensor:
+        """[B, d] bool: the rows of delta the previous chunk's update has not reached yet."""
+        dim = self.delta.shape[1]
+        return torch.arange(dim, device=self.pos.device)[None] >= (self.pos * self.rows_per_step)[:, None]
+
     def pending_delta(self) -> torch.Tensor:
         """[B, d, h]: the part of the previous chunk's delta not yet folded."""
-        dim = self.delta.shape[1]
         prev = self._prev_rows().to(self.v_ring.dtype)
         full = bmm_acc((self.v_ring * prev[..., None]).transpose(1, 2), self.z_ring, self.op)
-        unfolded = torch.arange(dim, device=full.device)[None] >= (self.pos * self.rows_per_step)[:, None]
-        return full * (unfolded * self.prev_scale[:, None])[..., None]
+        return full * (self._unfolded() * self.prev_scale[:, None])[..., None]
+
+    def _kept_delta(self) -> torch.Tensor:
+        """[B, d, h]: delta with its unfolded rows already multiplied by lambda."""
+        if self.forget == 1.0:
+            return self.delta
+        keep = torch.where(self._unfolded(), self.prev_keep[:, None], 1.0)
+        return self.delta * keep[..., None]
 
     def fast_weight_change(self) -> torch.Tensor:
         """[B, d, h]: W - W0 of every sample, divided by eta (folded and pending updates)."""
-        return self.delta + self.pending_delta()
+        return self._kept_delta() + self.pending_delta()
 
     def settle(self) -> None:
         """Fold the rest of the previous chunk now (eager only: outside CUDA graphs)."""
         run = self.exec_mask
-        self.delta.add_(self.pending_delta() * run[:, None, None])
+        if self.forget == 1.0:
+            self.delta.add_(self.pending_delta() * run[:, None, None])
+        else:
+            self.delta.copy_(torch.where(run[:, None, None], self.fast_weight_change(), self.delta))
+            self.prev_keep.masked_fill_(run, 1.0)
         self.prev_scale.masked_fill_(run, 0)
         self._sync_read_copy()
 
     def absorb(self, z: torch.Tensor, v_clipped: torch.Tensor) -> None:
-        """Add the deltas of whole chunks (z: [B, L, h], clip-scaled v: [B, L, d])."""
+        """Add the deltas of whole chunks (z: [B, L, h], clip-scaled v: [B, L, d]), after settle()."""
         run = self.exec_mask[:, None, None]
-        self.delta.add_(bmm_acc(v_clipped.transpose(1, 2), z, self.op) * run)
+        if self.forget == 1.0:
+            self.delta.add_(bmm_acc(v_clipped.transpose(1, 2), z, self.op) * run)
+        else:  # delta <- lambda^n delta + sum_j lambda^(n-1-j) U_j over the n chunks
+            C, n = self.chunk_size, z.shape[1] // self.chunk_size
+            ages = (n - 1 - torch.arange(z.shape[1], device=z.device) // C).to(torch.float64)
+            weights = (self.forget ** ages).to(compute_dtype(v_clipped.dtype))
+            updates = bmm_acc((v_clipped * weights[None, :, None]).transpose(1, 2), z, self.op)
+            decayed = self.delta * self.forget ** n + updates
+            self.delta.copy_(torch.where(run, decayed, self.delta))
         self._sync_read_copy()
 
     def step(self, z: torch.Tensor, x0: torch.Tensor, targets, eta: float,
@@ -131,7 +161,8 @@ class FastWeightState(State):
         """Advance by one token. z: [B, h], x0: [B, d] -> fast-weight term [B, d].
 
         `targets` is the layer's `LMAlignedTargets`. The result is the token's
-        `eta * z (delta + updates not yet folded)^T`, in float32 (float64). (Kept in
+        `eta * z (delta, its unfolded rows times lambda, + updates not yet folded)^T`, in
+        float32 (float64). (Kept in
         eager mode: under torch.compile the step ran slower on an H100.) On CUDA, the
         Triton kernels of `ops.step_kernels` can do the same in five or six launches.
         """
@@ -158,6 +189,9 @@ class FastWeightState(State):
         folded = bmm_acc((v_cols * prev[..., None]).transpose(1, 2), self.z_ring, op)
         folded = folded * (valid_rows * (self.prev_scale * run)[:, None])[..., None]
         row_index = fold_rows[..., None].expand(B, r, hidden)
+        if self.forget != 1.0:  # the rows folded now are multiplied by lambda: add (lambda - 1) row
+            keep = torch.where(valid_rows & run[:, None], self.prev_keep[:, None], 1.0)
+            folded = folded + (keep - 1.0)[..., None] * self.delta.gather(1, row_index)
         self.delta.scatter_add_(1, row_index, folded)
         if self.delta_read is not self.delta:
             self.delta_read.scatter_(1, row_index, self.delta.gather(1, row_index).to(op))
@@ -168,6 +202,8 @@ class FastWeightState(State):
         pending = bmm_acc(scores[:, None, :], self.v_ring, op).squeeze(1)
         n_folded = (p + run.long()) * r
         unfolded = torch.arange(dim, device=dev)[None] >= n_folded[:, None]
+        if self.forget != 1.0:
+            out = out * torch.where(unfolded, self.prev_keep[:, None], 1.0)
         out = eta * (out + pending * unfolded)
 
         # Buffer z at its ring row.
@@ -205,6 +241,8 @@ class FastWeightState(State):
         else:
             self.prev_scale.masked_fill_(at_end, 1.0)
 
+        if self.forget != 1.0:
+            self.prev_keep.masked_fill_(at_end, self.forget)
         self.slot.copy_(torch.where(at_end, 1 - self.slot, self.slot))
         self.pos.copy_(torch.where(run, (p + 1) % C, p))
         self.x0_tail.copy_(torch.where(run[:, None, None], window[:, 1:], self.x0_tail))

@@ -5,7 +5,9 @@ A drop-in replacement for `moshi.modules.gating.ActivationGating`: the same
 pretrained layer loads as it is, plus the target generator `ttt_target`.
 
     Z = act(H W_gate^T) * (H W_up^T)
-    O_[i] = Z_[i] (W0 + eta * sum_{j<i} c_j V_[j]^T Z_[j])^T,   V = Conv1D_K(X0) W_target^T
+    O_[i] = Z_[i] (W0 + eta * sum_{j<i} lambda^(i-1-j) c_j V_[j]^T Z_[j])^T,   V = Conv1D_K(X0) W_target^T
+
+(lambda, the forgetting factor, is 1 unless set: the fast weights then keep every update.)
 
 Outside streaming, whole sequences go through the dual form (`ops`); inside
 `streaming(...)`, every sample keeps its own fast weights (`FastWeightState`).
@@ -19,7 +21,8 @@ from torch import nn
 from moshi.modules.gating import ActivationGating
 from moshi.modules.streaming import StreamingModule
 
-from ..ops import ALGORITHMS, add_inplace_ttt_, chunk_delta_sq_norms, clipped_targets, compute_dtype, inplace_ttt_down
+from ..ops import (ALGORITHMS, add_inplace_ttt_, check_forget, chunk_delta_sq_norms, clipped_targets,
+                   compute_dtype, inplace_ttt_down)
 from .fast_weights import FastWeightState
 from .targets import LMAlignedTargets, TargetInit
 
@@ -41,6 +44,8 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         kernel_past: ... or, with P taps on the past, t-P .. t+K-1-P.
         clip_tau: if set, each chunk's update `eta * V^T Z` is scaled down to
             Frobenius norm tau when it is larger (the paper evaluated with 1e-5).
+        forget: lambda in (0, 1]: every chunk, the fast weights' change decays toward W0,
+            `W <- W0 + lambda (W - W0) + eta c V^T Z`; 1 keeps every update forever.
         init, init_std: how the target generator starts, see `LMAlignedTargets`.
         algorithm: exact form for whole sequences: "dual" (short), "scan" (long) or
             "auto" (the one with fewer operations for the length at hand).
@@ -51,7 +56,7 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
     def __init__(self, dim: int, hidden: int, activation: tp.Callable, *, chunk_size: int = 512,
                  eta: float = 1.0, kernel_size: int = 2, kernel_past: int = 0, clip_tau: float | None = None,
                  init: TargetInit = "warm", init_std: float = 0.02, algorithm: str = "auto",
-                 scan_block: int | None = None, device=None, dtype=None):
+                 scan_block: int | None = None, forget: float = 1.0, device=None, dtype=None):
         super().__init__()
         _check_positive_int("dim", dim)
         _check_positive_int("hidden", hidden)
@@ -63,6 +68,7 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
             raise ValueError(f"clip_tau={clip_tau!r}: expected None (no clip) or a number > 0")
         if not init_std > 0:
             raise ValueError(f"init_std={init_std!r}: expected a number > 0")
+        check_forget(forget)
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm={algorithm!r}: expected one of {ALGORITHMS}")
         if scan_block is not None:
@@ -77,6 +83,7 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         self.chunk_size = chunk_size
         self.eta = float(eta)
         self.clip_tau = None if clip_tau is None else float(clip_tau)
+        self.forget = float(forget)
         self.algorithm = algorithm
         self.scan_block = scan_block
         self.ttt_enabled = True
@@ -114,13 +121,14 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
     def extra_repr(self) -> str:
         return (f"chunk_size={self.chunk_size}, eta={self.eta}, kernel_size={self.kernel_size}, "
                 f"kernel_past={self.kernel_past}, "
-                f"clip_tau={self.clip_tau}, algorithm={self.algorithm}, scan_block={self.scan_block}, "
+                f"clip_tau={self.clip_tau}, forget={self.forget}, algorithm={self.algorithm}, scan_block={self.scan_block}, "
                 f"ttt_enabled={self.ttt_enabled}")
 
     def _init_streaming_state(self, batch_size: int) -> FastWeightState:
         weight = self.ttt_target.proj.weight
         return FastWeightState.zeros(batch_size, self.dim, self.hidden, self.chunk_size,
-                                     self.kernel_size, weight.device, weight.dtype, past=self.kernel_past)
+                                     self.kernel_size, weight.device, weight.dtype, past=self.kernel_past,
+                                     forget=self.forget)
 
     def gated(self, x: torch.Tensor) -> torch.Tensor:
         """Z = act(x W_gate^T) * (x W_up^T), [B, T, h]."""
@@ -173,7 +181,7 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         if self.capture is not None:
             self.capture.append((z.detach(), v.detach()))
         args = (self.chunk_size, self.eta, self.clip_tau)
-        form = dict(algorithm=self.algorithm, scan_block=self.scan_block)
+        form = dict(algorithm=self.algorithm, scan_block=self.scan_block, forget=self.forget)
         if type(self.linear_out) is nn.Linear and self.linear_out.bias is None:
             return inplace_ttt_down(z, v, self.linear_out.weight, *args, **form)
         # Another slow layer (moshi's LoRA): its output, then the fast-weight term added in place.
@@ -212,7 +220,7 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         v = clipped_targets(z, self.ttt_target(x0, self.chunk_size), self.chunk_size, self.eta, self.clip_tau)
         update = z.new_zeros(*z.shape[:2], self.dim, dtype=compute_dtype(z.dtype))
         add_inplace_ttt_(update, z, v, self.chunk_size, self.eta, initial_delta=state.delta,
-                         algorithm=self.algorithm, scan_block=self.scan_block)
+                         algorithm=self.algorithm, scan_block=self.scan_block, forget=self.forget)
         state.absorb(z, v)
         return update
 

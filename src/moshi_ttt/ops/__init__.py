@@ -8,7 +8,7 @@ from .chunking import (
 )
 from .inplace_ttt import ALGORITHMS, add_inplace_ttt_, block_size_for, clipped_targets, inplace_ttt_down
 from .matmul import compute_dtype
-from .scan import add_fast_weight_term_, ttt_down_projection
+from .scan import add_fast_weight_term_, check_forget, ttt_down_projection
 from .target_conv import chunked_future_conv, future_conv_partial_rows, future_conv_targets
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "add_fast_weight_term_",
     "add_inplace_ttt_",
     "block_size_for",
+    "check_forget",
     "chunk_delta_sq_norms",
     "chunked_future_conv",
     "clip_scales",

@@ -2,8 +2,10 @@
 
 The layer's output is the slow output `Z W0^T` plus the fast-weight term
 (`inplace_ttt_down`, or `add_inplace_ttt_` onto a slow output computed
-elsewhere, such as a LoRA layer's): for chunk i `eta * Z_i (S0 + sum_{j<i} c_j V_j^T Z_j)^T`:
-S0 the delta carried in from earlier calls (streaming), c_j the clip factor.
+elsewhere, such as a LoRA layer's): for chunk i
+`eta * Z_i (lambda^i S0 + sum_{j<i} lambda^(i-1-j) c_j V_j^T Z_j)^T`: S0 the delta carried
+in from earlier calls (streaming), c_j the clip factor, lambda the forgetting factor
+(`forget`, 1: the fast weights keep every update).
 """
 
 import typing as tp
@@ -73,6 +75,7 @@ def inplace_ttt_down(
     clip_tau: float | None = None,
     algorithm: Algorithm = "auto",
     scan_block: int | None = None,
+    forget: float = 1.0,
 ) -> torch.Tensor:
     """The layer's down-projection `Z W0^T` plus the fast-weight term, [B, T, d] (differentiable).
 
@@ -80,7 +83,7 @@ def inplace_ttt_down(
     algorithm, scan_block: see `block_size_for`.
     """
     block = block_size_for(algorithm, z.shape[1], v.shape[-1], z.shape[-1], chunk_size, scan_block)
-    return ttt_down_projection(z, v, weight, eta, chunk_size, block, clip_tau)
+    return ttt_down_projection(z, v, weight, eta, chunk_size, block, clip_tau, forget)
 
 
 def add_inplace_ttt_(
@@ -93,15 +96,26 @@ def add_inplace_ttt_(
     initial_delta: torch.Tensor | None = None,
     algorithm: Algorithm = "auto",
     scan_block: int | None = None,
+    forget: float = 1.0,
 ) -> torch.Tensor:
     """out += the fast-weight term, in place (differentiable); returns out.
 
     out: [B, T, d] slow output; z: [B, T, h] gated activations; v: [B, T, d] targets;
     initial_delta: [B, d, h] accumulated (clipped, not eta-scaled) deltas that precede
-    position 0, if any (streaming, without gradient); algorithm, scan_block: see `block_size_for`.
+    position 0, if any (streaming, without gradient), read by chunk i as forget^i
+    initial_delta; algorithm, scan_block: see `block_size_for`.
     """
     block = block_size_for(algorithm, z.shape[1], v.shape[-1], z.shape[-1], chunk_size, scan_block)
-    out = add_fast_weight_term_(out, z, v, eta, chunk_size, block, clip_tau)
+    out = add_fast_weight_term_(out, z, v, eta, chunk_size, block, clip_tau, forget)
     if initial_delta is not None:
-        out.add_(bmm_acc(z, initial_delta.transpose(1, 2), operand_dtype(z.dtype, z.device)), alpha=eta)
+        carried = bmm_acc(z, initial_delta.transpose(1, 2), operand_dtype(z.dtype, z.device))
+        if forget != 1.0:
+            carried.mul_(chunk_powers(forget, chunk_size, z.shape[1], carried))
+        out.add_(carried, alpha=eta)
     return out
+
+
+def chunk_powers(forget: float, chunk_size: int, length: int, like: torch.Tensor) -> torch.Tensor:
+    """[1, length, 1]: forget^i at the positions of chunk i, in like's dtype and device."""
+    chunks = torch.arange(length, dtype=torch.float64) // chunk_size
+    return (forget ** chunks).to(like.device, like.dtype)[None, :, None]

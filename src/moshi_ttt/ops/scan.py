@@ -6,7 +6,11 @@ of its own block; then its updates join the state:
 
     Y_b = Z_b S_b^T + dual(Z_b, c V_b),   S_{b+1} = S_b + (c V_b)^T Z_b
 
-(c: each chunk's clip factor, 1 without a clip). One block covering the sequence
+(c: each chunk's clip factor, 1 without a clip). With a forgetting factor lambda < 1
+the state decays by lambda every chunk (`S_{i+1} = lambda S_i + c_i V_i^T Z_i`): chunk
+i reads chunk j's update with weight lambda^(i-1-j) = read(i) * write(j), factors
+relative to the block's first chunk (`_Forget`), so the dual form keeps its shape.
+One block covering the sequence
 is the pure dual form (cost ~ T^2 (h + d)); blocks of one chunk are the pure chunk
 scan (cost ~ T d h, but a d x h float32 state read and written every chunk).
 Blocks of a few chunks keep the linear cost and cut the state traffic.
@@ -23,12 +27,14 @@ later blocks read) and adds the rest. G's final sum is the slow weight's
 gradient, which so costs no product of its own.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from .chunking import chunk_delta_sq_norms, chunk_grams, clip_scales, expand_chunk_values
 from .dual import block_score_grads, block_scores, dual_backward_chunk, dual_forward_chunk
-from .matmul import baddbmm_acc_, bmm_acc, linear_dtype, operand_dtype, without_autocast
+from .matmul import baddbmm_acc_, bmm_acc, compute_dtype, linear_dtype, operand_dtype, without_autocast
 
 
 def _blocks(length: int, block_size: int) -> list[tuple[int, int]]:
@@ -68,13 +74,66 @@ class _Clip:
         baddbmm_acc_(dv_q, gram_z * coef[:, None, None], v[:, q:end], self.op)
 
 
-def _scaled(v: torch.Tensor, clip: _Clip | None, start: int, end: int) -> torch.Tensor:
-    if clip is None:
+class _Forget:
+    """The forgetting factor's weights inside a block that starts at chunk b0.
+
+    Chunk i reads the update of chunk j < i (same block) with weight lambda^(i-1-j)
+    = read(i) write(j), read(i) = lambda^(i-b0) and write(j) = lambda^(b0-j-1); it reads
+    the state S_b0 with read(i). The state after a block of n chunks is
+    lambda^n (S_b0 + sum_j write(j) U_j). write() grows to lambda^-n: `max_block` keeps
+    it within float32's range.
+    """
+
+    def __init__(self, forget: float, chunk_size: int):
+        self.forget, self.chunk_size = forget, chunk_size
+
+    def _powers(self, start: int, end: int, block_start: int, sign: int, shift: int) -> torch.Tensor:
+        C = self.chunk_size
+        chunks = torch.arange(start, end) // C - block_start // C
+        return torch.tensor(self.forget, dtype=torch.float64).pow(sign * chunks + shift)[None]
+
+    def read(self, start: int, end: int, block_start: int, like: torch.Tensor) -> torch.Tensor:
+        """[1, end - start]: read() of each position in [start, end), in like's compute dtype."""
+        return self._powers(start, end, block_start, 1, 0).to(like.device, compute_dtype(like.dtype))
+
+    def write(self, start: int, end: int, block_start: int, like: torch.Tensor) -> torch.Tensor:
+        """[1, end - start]: write() of each position in [start, end), in like's compute dtype."""
+        return self._powers(start, end, block_start, -1, -1).to(like.device, compute_dtype(like.dtype))
+
+    def span(self, start: int, end: int) -> float:
+        """lambda^n for the n chunks of [start, end)."""
+        return self.forget ** (-(-(end - start) // self.chunk_size))
+
+
+def max_block(forget: float, chunk_size: int, dtype: torch.dtype = torch.float32) -> int | None:
+    """The longest block (positions) whose write() factors stay below 2^64 (2^8 for float16
+    targets, which the factors scale); None without forgetting."""
+    if forget == 1.0:
+        return None
+    bits = 8 if dtype == torch.float16 else 64
+    return chunk_size * max(1, int(bits * math.log(2) / -math.log(forget)))
+
+
+def _key_scales(clip: _Clip | None, forget: _Forget | None, start: int, end: int, block_start: int,
+                like: torch.Tensor) -> torch.Tensor | None:
+    """[B or 1, end - start]: the factors of the targets in [start, end) as keys of the dual form
+    and as updates of the state (the clip's times write()), None when there are none."""
+    scales = None if clip is None else clip.positions(start, end)
+    if forget is not None:
+        write = forget.write(start, end, block_start, like)
+        scales = write if scales is None else scales * write
+    return scales
+
+
+def _scaled(v: torch.Tensor, scales: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
+    """Rows [start, end) of v times `scales` (those rows' factors), in v's dtype."""
+    if scales is None:
         return v[:, start:end]
-    return (v[:, start:end] * clip.positions(start, end)[..., None]).to(v.dtype)
+    return (v[:, start:end] * scales[..., None]).to(v.dtype)
 
 
-def _add_fast_term_(out, z, v, clip, eta, chunk_size, block_size, op, keep_scores) -> list[torch.Tensor | None]:
+def _add_fast_term_(out, z, v, clip, forget, eta, chunk_size, block_size, op, keep_scores
+                    ) -> list[torch.Tensor | None]:
     """out += eta * (the fast-weight term), chunk by chunk, without autograd; returns the
     blocks' scores for the backward (when `keep_scores`)."""
     B, T, _ = z.shape
@@ -86,75 +145,96 @@ def _add_fast_term_(out, z, v, clip, eta, chunk_size, block_size, op, keep_score
             state_t = state.to(op).transpose(1, 2)
         scores = block_scores(B, end - start, chunk_size, z.device, op) if keep_scores else None
         saved.append(scores)
+        key_scales = _key_scales(clip, forget, start, end, start, out)
         for q, q_end in _chunks(start, end, chunk_size):
             if state_t is None and q == start:
                 continue  # the first chunk reads nothing
             acc = None if state_t is None else bmm_acc(z[:, q:q_end], state_t, op)
-            key_scales = None if clip is None else clip.positions(start, q)
-            acc = dual_forward_chunk(acc, z[:, q:q_end], z[:, start:q], v[:, start:q], op, key_scales,
+            acc = dual_forward_chunk(acc, z[:, q:q_end], z[:, start:q], v[:, start:q], op,
+                                     None if key_scales is None else key_scales[:, :q - start],
                                      None if scores is None else scores[:, q - start:q_end - start, :q - start])
-            out[:, q:q_end].add_(acc, alpha=eta)
+            read = 1.0 if forget is None else forget.forget ** ((q - start) // chunk_size)
+            out[:, q:q_end].add_(acc, alpha=eta * read)
         if end < T:
-            state = _add_update(state, z[:, start:end], _scaled(v, clip, start, end), op)
+            state = _add_update(state, z[:, start:end], _scaled(v, key_scales, start, end), op)
+            if forget is not None:
+                state.mul_(forget.span(start, end))
     return saved
 
 
-def _fast_term_backward(dout, z, v, saved_scores, clip, eta, chunk_size, block_size, op, weight=None,
+def _fast_term_backward(dout, z, v, saved_scores, clip, forget, eta, chunk_size, block_size, op, weight=None,
                         weight_grad=False):
     """dZ and dV of `out += eta * fast term`, and the float32 sums of the slow weight's gradient.
 
-    With the slow weight W given, dZ includes `dout W`. With `weight_grad` and more
-    than one block, the third result is `dout_b^T Z_b` summed over the blocks, [B, d, h]
-    (the state's gradient is the partial sums of the same products), else None.
+    With the slow weight W given, dZ includes `dout W`. With `weight_grad`, more than
+    one block and no forgetting, the third result is `dout_b^T Z_b` summed over the
+    blocks, [B, d, h] (the state's gradient is the partial sums of the same products),
+    else None.
     """
     T = z.shape[1]
     blocks = _blocks(T, block_size)
     dz = torch.empty_like(z)
     dv = torch.empty_like(v)
 
-    # Pass 1, block order: dZ_b = eta dY_b S_b, with S_b replayed as in the forward.
+    # Pass 1, block order: dZ_b = eta read dY_b S_b, with S_b replayed as in the forward.
     state = state_op = None
     for start, end in blocks:
         if state is not None:
             state_op = None  # as above: one copy at a time
             state_op = state.to(op)
             for q, q_end in _chunks(start, end, chunk_size):
-                dz[:, q:q_end] = bmm_acc(dout[:, q:q_end].to(op) * eta, state_op, op)
+                read = 1.0 if forget is None else forget.forget ** ((q - start) // chunk_size)
+                dz[:, q:q_end] = bmm_acc(dout[:, q:q_end].to(op) * (eta * read), state_op, op)
         if end < T:
-            state = _add_update(state, z[:, start:end], _scaled(v, clip, start, end), op)
+            state = _add_update(state, z[:, start:end],
+                                _scaled(v, _key_scales(clip, forget, start, end, start, dout), start, end), op)
+            if forget is not None:
+                state.mul_(forget.span(start, end))
     del state, state_op
 
     # Pass 2, reverse order: the dual form inside each block, and P (d x h, float32),
-    # the sum over later blocks of dout^T Z: eta P is the gradient of this block's update.
-    # Summed over every block and the batch, P is also dLoss/dW.
+    # the state's gradient: the sum over later blocks of read dout^T Z (each decayed
+    # by the blocks between). eta P is the gradient of this block's update. Without
+    # forgetting, summed over every block and the batch, P is also dLoss/dW.
+    share_weight_grad = weight_grad and forget is None
     grad_sum = None
     weight_op = None if weight is None else weight.to(op).expand(z.shape[0], -1, -1)
     for (start, end), scores in zip(reversed(blocks), reversed(saved_scores)):
-        dy = dout[:, start:end].to(op) * eta
+        if forget is None:
+            dy = dout[:, start:end].to(op) * eta
+        else:  # dY read(i) for the rows of the block, in the operand dtype
+            read = forget.read(start, end, start, dout)[..., None]
+            dy = (dout[:, start:end] * (eta * read)).to(op)
         grad_op = None  # the last block's copy goes before this one's is made
         if grad_sum is not None:
+            if forget is not None:
+                grad_sum.mul_(forget.span(start, end))
             grad_op = grad_sum.to(op)
         zb, vb = z[:, start:end], v[:, start:end]
-        scales = None if clip is None else clip.positions(start, end)
+        scales = _key_scales(clip, forget, start, end, start, dout)
         score_grads = None if scores is None else block_score_grads(vb, dy, chunk_size, op, scales)
         for q, q_end in _chunks(start, end, chunk_size):
             dz_q, dv_q = dual_backward_chunk(zb, vb, dy, q - start, q_end - start, op, scales, scores, score_grads)
             if grad_op is not None:
-                baddbmm_acc_(dz_q, _scaled(v, clip, q, q_end), grad_op, op, alpha=eta)
+                q_scales = None if scales is None else scales[:, q - start:q_end - start]
+                baddbmm_acc_(dz_q, _scaled(v, q_scales, q, q_end), grad_op, op, alpha=eta)
                 baddbmm_acc_(dv_q, z[:, q:q_end], grad_op.transpose(1, 2), op, alpha=eta)
             if weight_op is not None:
                 baddbmm_acc_(dz_q, dout[:, q:q_end], weight_op, op)
             if start > 0:
                 dz_q.add_(dz[:, q:q_end])  # the state term of pass 1
+            if forget is not None:  # dv_q so far is the gradient of the rows c write V_q
+                dv_q.mul_(forget.forget ** (-((q - start) // chunk_size) - 1))
             if clip is not None:  # dv_q so far is the gradient of the clipped rows c V_q
                 grad_scale = (dv_q * v[:, q:q_end]).sum((1, 2))
                 dv_q.mul_(clip.chunk(q))
                 clip.add_grad_(dz_q, dv_q, z, v, q, q_end, grad_scale)
             dz[:, q:q_end] = dz_q
             dv[:, q:q_end] = dv_q
-        if start > 0 or (weight_grad and grad_sum is not None):
-            grad_sum = _add_update(grad_sum, zb, dout[:, start:end], op)
-    return dz, dv, grad_sum if weight_grad else None
+        if start > 0 or (share_weight_grad and grad_sum is not None):
+            grad_sum = _add_update(grad_sum, zb, dout[:, start:end] if forget is None else dout[:, start:end] * read,
+                                   op)
+    return dz, dv, grad_sum if share_weight_grad else None
 
 
 def _weight_grad(sums: torch.Tensor | None, dout: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -174,10 +254,10 @@ def _add_update(state: torch.Tensor | None, z: torch.Tensor, v: torch.Tensor, op
     return baddbmm_acc_(state, v.transpose(1, 2), z, op)
 
 
-def _setup(ctx, z, v, eta, chunk_size, block_size, clip_tau):
+def _setup(ctx, z, v, eta, chunk_size, block_size, clip_tau, forget):
     op = operand_dtype(z.dtype, z.device)
     clip = None if clip_tau is None else _Clip(z, v, eta, clip_tau, chunk_size, op)
-    ctx.args = (clip, eta, chunk_size, block_size, op)
+    ctx.args = (clip, None if forget == 1.0 else _Forget(forget, chunk_size), eta, chunk_size, block_size, op)
     return ctx.args
 
 
@@ -185,9 +265,9 @@ class _AddFastWeightTerm(torch.autograd.Function):
     """out += eta * fast term, in place on out (any slow output, e.g. a LoRA layer's)."""
 
     @staticmethod
-    def forward(ctx, out, z, v, eta, chunk_size, block_size, clip_tau):
+    def forward(ctx, out, z, v, eta, chunk_size, block_size, clip_tau, forget):
         with without_autocast(z.device):
-            scores = _add_fast_term_(out, z, v, *_setup(ctx, z, v, eta, chunk_size, block_size, clip_tau),
+            scores = _add_fast_term_(out, z, v, *_setup(ctx, z, v, eta, chunk_size, block_size, clip_tau, forget),
                                      keep_scores=any(ctx.needs_input_grad[1:3]))
         ctx.mark_dirty(out)
         ctx.save_for_backward(z, v, *scores)
@@ -198,18 +278,18 @@ class _AddFastWeightTerm(torch.autograd.Function):
     def backward(ctx, dout):
         z, v, *scores = ctx.saved_tensors
         dz, dv, _ = _fast_term_backward(dout, z, v, scores, *ctx.args)
-        return dout, dz, dv, None, None, None, None
+        return dout, dz, dv, None, None, None, None, None
 
 
 class _TTTDownProjection(torch.autograd.Function):
     """Z W^T + eta * fast term: the whole down-projection, so that dZ is one tensor."""
 
     @staticmethod
-    def forward(ctx, z, v, weight, eta, chunk_size, block_size, clip_tau):
+    def forward(ctx, z, v, weight, eta, chunk_size, block_size, clip_tau, forget):
         dtype = linear_dtype(z.device, weight.dtype)
         with without_autocast(z.device):
             out = F.linear(z.to(dtype), weight.to(dtype))
-            scores = _add_fast_term_(out, z, v, *_setup(ctx, z, v, eta, chunk_size, block_size, clip_tau),
+            scores = _add_fast_term_(out, z, v, *_setup(ctx, z, v, eta, chunk_size, block_size, clip_tau, forget),
                                      keep_scores=any(ctx.needs_input_grad[:2]))
         ctx.save_for_backward(z, v, weight, *scores)
         return out
@@ -221,33 +301,49 @@ class _TTTDownProjection(torch.autograd.Function):
         dz, dv, sums = _fast_term_backward(dout, z, v, scores, *ctx.args, weight=weight,
                                            weight_grad=ctx.needs_input_grad[2])
         grad_weight = _weight_grad(sums, dout, z, weight.dtype) if ctx.needs_input_grad[2] else None
-        return dz, dv, grad_weight, None, None, None, None
+        return dz, dv, grad_weight, None, None, None, None, None
 
 
-def _check_block(block_size: int, chunk_size: int) -> None:
+def _checked_block(block_size: int, chunk_size: int, forget: float, dtype: torch.dtype) -> int:
+    """block_size, checked, and capped where forgetting needs shorter blocks (`max_block`)."""
     if block_size % chunk_size:
         raise ValueError(f"block_size={block_size} must be a multiple of chunk_size={chunk_size}")
+    check_forget(forget)
+    limit = max_block(forget, chunk_size, dtype)
+    return block_size if limit is None else min(block_size, limit)
+
+
+MIN_FORGET = 1e-6  # below it, one chunk's write() factor (1 / lambda) leaves float16's and bf16's comfort
+
+
+def check_forget(forget: float, name: str = "forget") -> None:
+    """A clear error unless `forget` is a number in [MIN_FORGET, 1]."""
+    number = isinstance(forget, (int, float)) and not isinstance(forget, bool)
+    if not (number and MIN_FORGET <= forget <= 1):
+        raise ValueError(f"{name}={forget!r}: expected a number in (0, 1] (1: never forget), at least {MIN_FORGET}")
 
 
 def add_fast_weight_term_(out: torch.Tensor, z: torch.Tensor, v: torch.Tensor, eta: float,
-                          chunk_size: int, block_size: int, clip_tau: float | None = None) -> torch.Tensor:
-    """out += eta * Z_i (sum_{j<i} c_j V_j^T Z_j)^T for every chunk i, in place; returns out.
+                          chunk_size: int, block_size: int, clip_tau: float | None = None,
+                          forget: float = 1.0) -> torch.Tensor:
+    """out += eta * Z_i (sum_{j<i} forget^(i-1-j) c_j V_j^T Z_j)^T for every chunk i, in place; returns out.
 
     out: [B, T, d] (the slow output, any float dtype); z: [B, T, h]; v: [B, T, d].
     c_j = tau / max(eta ||V_j^T Z_j||_F, tau) with tau = clip_tau (1 without a clip).
     `block_size` is a multiple of `chunk_size`; >= T gives the pure dual form.
     Differentiable in out, z and v.
     """
-    _check_block(block_size, chunk_size)
-    return _AddFastWeightTerm.apply(out, z, v, float(eta), chunk_size, block_size, clip_tau)
+    block_size = _checked_block(block_size, chunk_size, forget, v.dtype)
+    return _AddFastWeightTerm.apply(out, z, v, float(eta), chunk_size, block_size, clip_tau, float(forget))
 
 
 def ttt_down_projection(z: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, eta: float,
-                        chunk_size: int, block_size: int, clip_tau: float | None = None) -> torch.Tensor:
+                        chunk_size: int, block_size: int, clip_tau: float | None = None,
+                        forget: float = 1.0) -> torch.Tensor:
     """Z W^T plus the fast-weight term of `add_fast_weight_term_`: the layer's output.
 
     Like `add_fast_weight_term_(F.linear(z, weight), ...)`, but dZ of both terms is
     summed in one buffer. z: [B, T, h]; v: [B, T, d]; weight: [d, h].
     """
-    _check_block(block_size, chunk_size)
-    return _TTTDownProjection.apply(z, v, weight, float(eta), chunk_size, block_size, clip_tau)
+    block_size = _checked_block(block_size, chunk_size, forget, v.dtype)
+    return _TTTDownProjection.apply(z, v, weight, float(eta), chunk_size, block_size, clip_tau, float(forget))

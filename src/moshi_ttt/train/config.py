@@ -21,6 +21,7 @@ from ..models.tiny import tiny_lm_config
 MODES = ("ttt", "ttt_layers", "lora", "full")
 TINY_DEFAULTS = {"context": 16}
 SOURCES = ("synthetic", "codes", "finetune")
+RESETS = ("document", "row")
 
 
 @dataclass
@@ -48,10 +49,14 @@ class SyntheticConfig:
     spacing: int = 8  # frames between consecutive statements (and questions)
     speaker: str = "text"  # text: the model's text stream states the facts; user: the user's audio
     audio: str = "noise"  # the audio codebooks that say no fact: uniform noise, or silence
+    max_frames: int | None = None  # training documents of frames .. max_frames frames (null: all `frames`)
+    # Without seq_frames or duration_sec, a row is this many documents of `frames` (the main
+    # job: four; with two the model learned too little of a memory that holds many).
+    documents_per_row: int = 4
 
     def layout(self) -> dict[str, tp.Any]:
-        """What a document looks like: the keyword arguments of SyntheticDocuments and of
-        `eval.recall.synthetic_recall_set` beyond the stream layout."""
+        """What a held-out document looks like: the keyword arguments of SyntheticDocuments and
+        of `eval.recall.synthetic_recall_set` beyond the stream layout (`frames` long)."""
         return dict(frames=self.frames, pairs=self.pairs, spacing=self.spacing, speaker=self.speaker,
                     audio=self.audio)
 
@@ -73,23 +78,31 @@ class TrainConfig:
     # frames: 4 layers x 16 = 64 frames is the farthest a chain of attention reaches, and
     # every fact of the default documents is stated further back than that.
     tiny: dict = field(default_factory=lambda: dict(TINY_DEFAULTS))
+    # forget 0.8: a fact written 5 chunks (160 frames) ago weighs 0.33, one of ten documents
+    # back 1e-5, so the latest value of a key outweighs the older ones (docs/recall.md).
     ttt: TTTConfig = field(default_factory=lambda: TTTConfig(
-        layers=[0], chunk_size=32, eta=0.5, init="next_token", x0_source="text"))
+        layers=[0], chunk_size=32, eta=0.5, init="next_token", x0_source="text", forget=0.8))
     data: DataConfig = field(default_factory=DataConfig)
     mode: str = "full"  # what trains: ttt | ttt_layers | lora | full (the tiny model starts from random weights)
     # The fair baseline: this run without TTT (no TTT layer); in ttt_layers mode the
     # layers `ttt` names still train, so both runs train the same parameters otherwise.
     baseline: bool = False
+    # document: every document of a row starts from W0 (and gets its own fast weights);
+    # row: a row's documents follow on without a reset, as topics of one conversation,
+    # from step stream_from_step on (a curriculum: first recall, then recall in a full memory;
+    # stream_from_step means nothing with "document").
+    reset_fast_weights: str = "row"
+    stream_from_step: int = 1200
     lora: LoraConfig = field(default_factory=LoraConfig)
     eta_warmup_steps: int = 0  # TTT's eta ramps linearly from 0 to ttt.eta over these first steps
     first_codebook_weight_multiplier: float = 100.0
     text_padding_weight: float = 0.5
     optim: OptimConfig = field(default_factory=OptimConfig)
-    max_steps: int = 1200
-    batch_size: int = 8  # sequences per process and micro-batch
+    max_steps: int = 1800  # 1200 steps on fresh documents, then 600 on streams
+    batch_size: int = 2  # sequences per process and micro-batch
     num_microbatches: int = 1  # gradient accumulation
     # Row length: seconds (12.5 frames each) or frames, at most one of the two; with neither,
-    # one synthetic document per row, else 256 frames.
+    # data.synthetic.documents_per_row synthetic documents, else 256 frames.
     duration_sec: float | None = None
     seq_frames: int | None = None
     max_norm: float = 1.0  # gradient clipping; 0 turns it off
@@ -104,6 +117,9 @@ class TrainConfig:
     do_eval: bool = True  # synthetic data: recall on held-out documents every eval_freq steps and at the end
     eval_freq: int = 100
     eval_documents: int = 64  # held-out documents per evaluation during training (4x that at the end)
+    # At the end, also recall over 4 streams of this many held-out documents without a reset
+    # (125 of 160 frames: 20,000 frames, 27 minutes of conversation); 0: off.
+    eval_stream_documents: int = 125
 
     def __post_init__(self) -> None:
         if self.model != "tiny" and self.tiny == TINY_DEFAULTS:
@@ -116,7 +132,8 @@ class TrainConfig:
             return self.seq_frames
         if self.duration_sec is not None:
             return round(self.duration_sec * 12.5)
-        return self.data.synthetic.frames if self.data.source == "synthetic" else 256
+        synthetic = self.data.synthetic
+        return synthetic.frames * synthetic.documents_per_row if self.data.source == "synthetic" else 256
 
     def validate(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -135,6 +152,13 @@ class TrainConfig:
             raise ValueError(f"data.source={self.data.source!r}: expected one of {SOURCES}")
         if self.data.source != "synthetic" and not self.data.train_data:
             raise ValueError(f"data.train_data is required for data.source={self.data.source!r}")
+        if self.reset_fast_weights not in RESETS:
+            raise ValueError(f"reset_fast_weights={self.reset_fast_weights!r}: expected one of {RESETS}")
+        _check("stream_from_step", self.stream_from_step, int, minimum=0)
+        _check("eval_stream_documents", self.eval_stream_documents, int, minimum=0)
+        if self.data.synthetic.max_frames is not None:
+            _check("data.synthetic.max_frames", self.data.synthetic.max_frames, int,
+                   minimum=self.data.synthetic.frames)
         if self.duration_sec is not None and self.seq_frames is not None:
             raise ValueError(f"duration_sec={self.duration_sec!r}, seq_frames={self.seq_frames!r}: "
                              "give at most one of the two")
@@ -150,7 +174,8 @@ class TrainConfig:
                              f"{self.max_steps} (the run would end before TTT's eta reaches ttt.eta)")
         for name in ("max_steps", "batch_size", "num_microbatches", "log_freq", "ckpt_freq", "keep_last",
                      "eval_freq", "eval_documents", "lora.rank", "data.synthetic.num_documents",
-                     "data.synthetic.frames", "data.synthetic.pairs", "data.synthetic.spacing"):
+                     "data.synthetic.frames", "data.synthetic.pairs", "data.synthetic.spacing",
+                     "data.synthetic.documents_per_row"):
             _check(name, _get(self, name), int, minimum=1)
         if self.seq_frames is not None:
             _check("seq_frames", self.seq_frames, int, minimum=2)
@@ -197,7 +222,9 @@ class TrainConfig:
 
 # A checkpoint is finetuned from the library's TTT defaults and moshi-finetune's habits,
 # not from the tiny model's recipe (the defaults above).
-CHECKPOINT_DEFAULTS: dict[str, tp.Any] = {"mode": "ttt_layers", "optim": {"lr": 2e-6}, "ttt": TTTConfig().to_dict()}
+CHECKPOINT_DEFAULTS: dict[str, tp.Any] = {
+    "mode": "ttt_layers", "optim": {"lr": 2e-6}, "ttt": TTTConfig().to_dict(), "max_steps": 1200, "batch_size": 8,
+    "reset_fast_weights": "document", "stream_from_step": 0, "data": {"synthetic": {"documents_per_row": 1}}}
 
 
 def _merged(base: tp.Mapping[str, tp.Any], data: tp.Mapping[str, tp.Any]) -> dict[str, tp.Any]:

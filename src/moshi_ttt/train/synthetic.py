@@ -16,8 +16,10 @@ Who speaks the facts (`speaker`):
 
 The audio codebooks that carry no fact hold uniform noise (`audio="noise"`, the
 hardest case: nothing in them is predictable) or the silence code (`"silence"`).
-Every document derives from (seed, split, index): the "eval" split is held out
-from the "train" split.
+With `max_frames`, each document's length is drawn from frames .. max_frames (more
+or less filler between statements and questions), so that a model trained on
+streams of them cannot learn where the next document starts. Every document
+derives from (seed, split, index): the "eval" split is held out from the "train" split.
 """
 
 from dataclasses import dataclass
@@ -51,7 +53,7 @@ class SyntheticDocuments:
 
     def __init__(self, num_documents: int, frames: int, pairs: int, *, num_codebooks: int, dep_q: int,
                  card: int, text_card: int, text_padding_id: int, spacing: int, speaker: str = "text",
-                 audio: str = "noise", seed: int = 0, split: str = "train"):
+                 audio: str = "noise", seed: int = 0, split: str = "train", max_frames: int | None = None):
         if speaker not in SPEAKERS:
             raise ValueError(f"data.synthetic.speaker={speaker!r}: expected one of {SPEAKERS}")
         if audio not in AUDIO:
@@ -65,6 +67,10 @@ class SyntheticDocuments:
         if frames < needed:
             raise ValueError(f"data.synthetic.frames={frames}: too short for {pairs} pairs spaced {spacing} "
                              f"frames apart (needs >= {needed})")
+        if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int)
+                                       or max_frames < frames):
+            raise ValueError(f"data.synthetic.max_frames={max_frames!r}: expected null or an integer >= "
+                             f"data.synthetic.frames={frames}")
         text_ids = np.arange(FIRST_TEXT_ID, text_card)
         self.value_ids = text_ids[len(text_ids) // 2:]
         if speaker == "text":
@@ -84,6 +90,7 @@ class SyntheticDocuments:
                                  f"{len(ids)} {what} tokens (speaker {speaker!r})")
         self.num_documents = num_documents
         self.frames = frames
+        self.max_frames = max_frames
         self.pairs = pairs
         self.spacing = spacing
         self.speaker = speaker
@@ -99,7 +106,10 @@ class SyntheticDocuments:
         return self.num_documents
 
     def num_frames(self, index: int) -> int:
-        return self.frames
+        if self.max_frames is None:
+            return self.frames
+        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), index, 1])
+        return int(rng.integers(self.frames, self.max_frames + 1))
 
     @property
     def user_stream(self) -> int:
@@ -110,9 +120,10 @@ class SyntheticDocuments:
         """Frame of the key of each statement, in order."""
         return [1 + self.spacing * i for i in range(self.pairs)]
 
-    def question_frames(self) -> list[int]:
-        """Frame of the key of each question, in order; the last answer is the last frame."""
-        last = self.frames - 2
+    def question_frames(self, frames: int | None = None) -> list[int]:
+        """Frame of the key of each question in a document of `frames` (default: `frames`)
+        frames, in order; the last answer is the last frame."""
+        last = (frames or self.frames) - 2
         return [last - self.spacing * (self.pairs - 1 - j) for j in range(self.pairs)]
 
     def __getitem__(self, index: int) -> torch.Tensor:
@@ -125,15 +136,16 @@ class SyntheticDocuments:
     def _generate(self, index: int) -> tuple[np.ndarray, list[Fact]]:
         if not 0 <= index < self.num_documents:
             raise IndexError(f"synthetic document {index} out of range (0 .. {self.num_documents - 1})")
+        frames = self.num_frames(index)
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), index])
-        codes = rng.integers(0, self.card, size=(self.num_codebooks, self.frames))
+        codes = rng.integers(0, self.card, size=(self.num_codebooks, frames))
         if self.audio == "silence":
             codes[1:] = SILENCE_CODE
         codes[0] = self.text_padding_id
         keys = rng.choice(len(self.key_ids), self.pairs, replace=False)
         values = rng.choice(len(self.value_ids), self.pairs, replace=False)
         order = rng.permutation(self.pairs)
-        statements, questions = self.statement_frames(), self.question_frames()
+        statements, questions = self.statement_frames(), self.question_frames(frames)
         if self.speaker == "text":
             said = codes[0]
             key_tokens, value_tokens = self.key_ids[keys], self.value_ids[values]

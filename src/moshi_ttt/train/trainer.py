@@ -72,7 +72,7 @@ def build_source(config: TrainConfig, lm: LMModel) -> DocumentSource:
         from .synthetic import SyntheticDocuments
         return SyntheticDocuments(data.synthetic.num_documents, num_codebooks=lm.num_codebooks, dep_q=lm.dep_q,
                                   card=lm.card, text_card=lm.text_card, text_padding_id=lm.text_padding_token_id,
-                                  seed=config.seed, **data.synthetic.layout())
+                                  seed=config.seed, max_frames=data.synthetic.max_frames, **data.synthetic.layout())
     if data.source == "codes":
         from .code_files import CodeFiles
         return CodeFiles(data.train_data, lm.num_codebooks)
@@ -149,6 +149,16 @@ def train_with_baseline(config: TrainConfig, resume: bool = False) -> dict[str, 
         print(verdict(compared, f"held-out recall, TTT against its baseline ({first['questions']} questions):"))
         print(f"comparison written to {out}")
         result["recall"] = compared
+    if "recall_stream" in result and "recall_stream" in result["baseline"]:
+        from ..eval.stream_recall import stream_verdict, text_loss_excess, write_stream_recall
+        compared = {**result["recall_stream"], **result["baseline"]["recall_stream"]}
+        out = Path(config.run_dir) / "recall"
+        write_stream_recall(compared, out)
+        print(stream_verdict(compared))
+        excess = text_loss_excess(compared, "TTT", "baseline trained without TTT", config.data.synthetic.frames)
+        print(f"TTT's text loss against the baseline's, worst mean over one document's span: "
+              f"{excess['max_excess']:+.3f} nats (frame {excess['at_frame']}; <= 0: nowhere above)")
+        result["recall_stream"] = compared
     return result
 
 
@@ -207,7 +217,7 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
         for _, layer in fast_layers:
             layer.capture = [] if log_now else None
             layer.eta = eta_at(lm.ttt_config.eta, config.eta_warmup_steps, step)
-        metrics = _train_step(config, dist, lm, model, batcher, optimizer)
+        metrics = _train_step(config, dist, lm, model, batcher, optimizer, streams=streams_at(config, step))
         schedule.step()
         metrics["lr"] = schedule.get_last_lr()[0]
         if step < config.eta_warmup_steps and fast_layers:
@@ -247,17 +257,26 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
     if last_step == config.max_steps and dist.is_main:
         if probe is not None:
             result["recall"] = probe.final(lm, run_dir / "recall")
+            if config.eval_stream_documents:
+                result["recall_stream"] = probe.final_stream(lm, run_dir / "recall")
         _export(lm, config, run_dir / "final")
     return result
 
 
+def streams_at(config: TrainConfig, step: int) -> bool:
+    """Whether the rows of this step keep their fast weights across documents (one conversation a row)."""
+    return config.reset_fast_weights == "row" and step >= config.stream_from_step
+
+
 def _train_step(config: TrainConfig, dist: Distributed, lm: LMModel, model: torch.nn.Module,
-                batcher: SequenceBatcher, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+                batcher: SequenceBatcher, optimizer: torch.optim.Optimizer, streams: bool) -> dict[str, float]:
     micro_rows = config.batch_size * dist.world_size
     batches = []
     for _ in range(config.num_microbatches):
         mine = range(dist.rank * config.batch_size, (dist.rank + 1) * config.batch_size)
         codes, segments = batcher.next_rows(micro_rows, keep=lambda row: row in mine)
+        if streams:
+            segments = torch.zeros_like(segments)  # one conversation a row: its documents share fast weights
         codes, segments = codes.to(dist.device), segments.to(dist.device)
         batches.append((codes, segments, loss_weights(lm, codes, config.first_codebook_weight_multiplier,
                                                       config.text_padding_weight)))
@@ -403,5 +422,27 @@ class RecallProbe:
         print(verdict(results, f"held-out recall, {recall_set.num_questions} questions "
                                f"({recall_set.name}, spacing {self.settings['spacing']}):"))
         print(f"recall written to {out}")
+        return results
+
+    STREAMS = 4
+
+    def final_stream(self, lm: LMModel, out: Path) -> dict[str, dict[str, tp.Any]]:
+        """Recall over STREAMS streams of `eval_stream_documents` held-out documents without a reset
+        (and, for TTT, with TTT off), written to `out`; the verdict is printed."""
+        from ..eval.recall import synthetic_recall_set
+        from ..eval.stream_recall import stream_documents, stream_recall, stream_verdict, write_stream_recall
+        n = self.config.eval_stream_documents
+        streams = stream_documents(synthetic_recall_set(lm, documents=self.STREAMS * n, **self.settings), n)
+        window = self.reach["context"] or self.config.ttt.chunk_size
+        name = "baseline trained without TTT" if self.config.baseline else "TTT"
+        results = {name: stream_recall(lm, streams, window)}
+        if ttt_layers(lm):
+            set_ttt_enabled(lm, False)
+            try:
+                results["same weights, TTT off (diagnostic)"] = stream_recall(lm, streams, window)
+            finally:
+                set_ttt_enabled(lm, True)
+        write_stream_recall(results, out)
+        print(stream_verdict(results))
         return results
 

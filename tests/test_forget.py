@@ -1,0 +1,278 @@
+"""The forgetting factor: each chunk, the fast weights' change decays toward W0 by lambda.
+
+Against the float64 reference loop (which applies `W <- W0 + lambda (W - W0) + delta`
+chunk by chunk), streaming against parallel, causality, reset, gradients, and, at
+lambda = 1, the outputs and gradients of the layer before the option existed.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from helpers import random_inputs, stream
+from moshi_ttt import InPlaceTTTGating
+from reference import reference_for_layer
+
+C = 4
+FORGET = 0.6
+
+
+@pytest.mark.parametrize("length", [3 * C, 5 * C + 2], ids=["multiple", "ragged"])
+@pytest.mark.parametrize("kernel_size,kernel_past", [(2, 0), (5, 2)])
+@pytest.mark.parametrize("clip_tau", [None, 0.05])
+@pytest.mark.parametrize("algorithm,scan_block", [("dual", 8), ("scan", 4), ("scan", 8), ("scan", 12)])
+def test_parallel_matches_reference(make_layer, length, kernel_size, kernel_past, clip_tau, algorithm, scan_block):
+    layer = make_layer(chunk_size=C, kernel_size=kernel_size, kernel_past=kernel_past, clip_tau=clip_tau,
+                       algorithm=algorithm, scan_block=scan_block, forget=FORGET)
+    x, x0 = random_inputs(3, length, layer.dim)
+    torch.testing.assert_close(layer(x, x0), reference_for_layer(layer, x, x0), rtol=1e-10, atol=1e-10)
+
+
+def test_reference_forgets():
+    """Guards the comparisons: the reference's forgetting changes its output from chunk 2 on."""
+    torch.manual_seed(0)
+    keep = InPlaceTTTGating(8, 12, F.silu, chunk_size=C, eta=0.5, init="normal", init_std=0.3, dtype=torch.float64)
+    x, x0 = random_inputs(2, 4 * C, 8)
+    kept = reference_for_layer(keep, x, x0)
+    keep.forget = FORGET
+    forgot = reference_for_layer(keep, x, x0)
+    torch.testing.assert_close(forgot[:, :2 * C], kept[:, :2 * C], rtol=0, atol=1e-12)
+    assert (forgot - kept)[:, 2 * C:].abs().amax() > 1e-3
+
+
+@pytest.mark.parametrize("step_sizes", [[1], [3], [C + 1], [2, 5, 1, 7], [3 * C]], ids=str)
+@pytest.mark.parametrize("clip_tau", [None, 0.05])
+@pytest.mark.parametrize("kernel_size,kernel_past", [(3, 0), (5, 2)])
+def test_streaming_matches_parallel(make_layer, step_sizes, clip_tau, kernel_size, kernel_past):
+    layer = make_layer(chunk_size=C, kernel_size=kernel_size, kernel_past=kernel_past, clip_tau=clip_tau,
+                       forget=FORGET)
+    x, x0 = random_inputs(3, 6 * C + 3, layer.dim)
+    torch.testing.assert_close(stream(layer, x, x0, step_sizes), layer(x, x0), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dim,chunk_size", [(8, 16), (20, 3), (6, 1)], ids=["d<C", "d>C", "C=1"])
+def test_streaming_fold_covers_every_row(make_layer, dim, chunk_size):
+    layer = make_layer(dim=dim, chunk_size=chunk_size, clip_tau=0.5, forget=FORGET)
+    x, x0 = random_inputs(2, 4 * chunk_size + 1, dim)
+    torch.testing.assert_close(stream(layer, x, x0, [1]), reference_for_layer(layer, x, x0),
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_fast_weight_change_read_mid_chunk(make_layer):
+    """The state's W - W0, read between steps, is the reference's weight after the chunks seen."""
+    layer = make_layer(chunk_size=C, forget=FORGET)
+    x, x0 = random_inputs(1, 3 * C + 2, layer.dim)
+    with layer.streaming(1):
+        layer(x[:, :2 * C + 2], x0[:, :2 * C + 2])  # two chunks done, the second folding
+        mid = layer._streaming_state.fast_weight_change().clone()
+    with layer.streaming(1):
+        layer(x[:, :2 * C], x0[:, :2 * C])
+        layer._streaming_state.settle()
+        settled = layer._streaming_state.delta.clone()
+    torch.testing.assert_close(mid, settled, rtol=1e-12, atol=1e-12)
+    # The second chunk's weight is lambda U_0 + U_1: different from U_0 + U_1.
+    layer.forget = 1.0
+    with layer.streaming(1):
+        layer(x[:, :2 * C], x0[:, :2 * C])
+        layer._streaming_state.settle()
+        kept = layer._streaming_state.delta.clone()
+    assert (kept - settled).abs().amax() > 1e-6
+
+
+@pytest.mark.parametrize("p", [1, C, 2 * C + 2])
+def test_parallel_is_causal(make_layer, p):
+    layer = make_layer(chunk_size=C, kernel_size=3, clip_tau=0.05, forget=FORGET)
+    x, x0 = random_inputs(2, 5 * C, layer.dim)
+    base = layer(x, x0)
+    x2, x02 = x.clone(), x0.clone()
+    x2[:, p:] += torch.randn_like(x2[:, p:])
+    x02[:, p:] += torch.randn_like(x02[:, p:])
+    moved = layer(x2, x02)
+    assert torch.equal(moved[:, :p], base[:, :p])
+    assert not torch.allclose(moved[:, p:], base[:, p:])
+
+
+@pytest.mark.parametrize("reset_at", [C + 2, 2 * C])
+def test_reset_one_sample(make_layer, reset_at):
+    layer = make_layer(chunk_size=C, kernel_size=3, clip_tau=0.05, forget=FORGET)
+    x, x0 = random_inputs(2, 5 * C, layer.dim)
+    untouched = stream(layer, x, x0, [1])
+    fresh = stream(layer, x[1:, reset_at:], x0[1:, reset_at:], [1])
+    outs = []
+    with layer.streaming(2):
+        for t in range(x.shape[1]):
+            if t == reset_at:
+                layer.reset_streaming(torch.tensor([False, True]))
+            outs.append(layer(x[:, t:t + 1], x0[:, t:t + 1]))
+    outs = torch.cat(outs, dim=1)
+    torch.testing.assert_close(outs[0], untouched[0], rtol=0, atol=0)
+    torch.testing.assert_close(outs[1, reset_at:], fresh[0], rtol=1e-12, atol=1e-12)
+
+
+def test_exec_mask_freezes_a_sample(make_layer):
+    layer = make_layer(chunk_size=C, forget=FORGET)
+    x, x0 = random_inputs(2, 5 * C, layer.dim)
+    junk, junk0 = random_inputs(2, 2 * C + 1, layer.dim, seed=3)
+    expected = stream(layer, x, x0, [1])
+    with layer.streaming(2):
+        head = layer(x[:, :C + 1], x0[:, :C + 1])
+        layer.set_exec_mask(torch.tensor([False, True]))
+        layer(junk, junk0)
+        layer.set_exec_mask(torch.tensor([True, True]))
+        tail = torch.cat([layer(x[:, t:t + 1], x0[:, t:t + 1]) for t in range(C + 1, x.shape[1])], dim=1)
+    torch.testing.assert_close(torch.cat([head[:1], tail[:1]], dim=1), expected[:1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("clip_tau", [None, 0.05])
+@pytest.mark.parametrize("algorithm,scan_block", [("dual", 3), ("scan", 3), ("scan", 6)])
+def test_gradcheck_every_parameter(make_layer, clip_tau, algorithm, scan_block, scores_kept_or_recomputed):
+    layer = make_layer(dim=4, hidden=6, chunk_size=3, clip_tau=clip_tau, algorithm=algorithm,
+                       scan_block=scan_block, forget=FORGET)
+    x, x0 = random_inputs(2, 10, 4)
+    names = [n for n, _ in layer.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for _, p in layer.named_parameters()]
+    x.requires_grad_(True)
+    x0.requires_grad_(True)
+
+    def f(x, x0, *params):
+        return functional_call(layer, dict(zip(names, params)), (x, x0))
+
+    assert torch.autograd.gradcheck(f, (x, x0, *params))
+
+
+def test_gradcheck_with_blocks_capped_by_a_strong_forgetting_factor(make_layer):
+    """forget 1e-6 caps dual blocks at 3 chunks (write() <= 2^64): the capped scan's backward too."""
+    from moshi_ttt.ops.scan import max_block
+    assert max_block(1e-6, 3) == 9
+    layer = make_layer(dim=4, hidden=6, chunk_size=3, algorithm="dual", forget=1e-6, eta=2.0)
+    x, x0 = random_inputs(2, 14, 4)
+    names = [n for n, _ in layer.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for _, p in layer.named_parameters()]
+    x.requires_grad_(True)
+
+    def f(x, *params):
+        return functional_call(layer, dict(zip(names, params)), (x, x0))
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+    torch.testing.assert_close(layer(x, x0), reference_for_layer(layer, x, x0), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("algorithm", ["dual", "scan"])
+def test_packed_documents_forget_on_their_own(make_layer, algorithm):
+    """Each packed document of a row forgets from its own start, as if it ran alone."""
+    layer = make_layer(chunk_size=C, algorithm=algorithm, forget=FORGET)
+    lengths = [2 * C + 1, 3 * C + 2]
+    x, x0 = random_inputs(1, sum(lengths), layer.dim)
+    segments = torch.repeat_interleave(torch.tensor([0, 1]), torch.tensor(lengths))[None]
+    packed = layer(x, x0, segments)
+    start = 0
+    for n in lengths:
+        expected = reference_for_layer(layer, x[:, start:start + n], x0[:, start:start + n])
+        torch.testing.assert_close(packed[:, start:start + n], expected, rtol=1e-10, atol=1e-10)
+        start += n
+
+
+def test_gradients_through_the_lora_path(make_layer):
+    """add_inplace_ttt_ (the path of a LoRA-wrapped slow weight) gives the same gradients."""
+    from moshi_ttt.ops import add_inplace_ttt_, inplace_ttt_down
+    z, v = random_inputs(2, 5 * C + 1, 6)
+    weight = torch.randn(6, 6, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for fn in ("down", "add"):
+        zz, vv = z.clone().requires_grad_(True), v.clone().requires_grad_(True)
+        if fn == "down":
+            out = inplace_ttt_down(zz, vv, weight, C, 0.5, algorithm="scan", scan_block=8, forget=FORGET)
+        else:
+            out = add_inplace_ttt_(zz @ weight.T, zz, vv, C, 0.5, algorithm="scan", scan_block=8, forget=FORGET)
+        grads.append(torch.autograd.grad(out.square().sum(), (zz, vv, weight)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_long_blocks_stay_finite(make_layer):
+    """A strong forgetting factor over many chunks in one dual block: write() would overflow
+    float32 without the block cap (0.01^-40 = 1e80)."""
+    layer = make_layer(dim=8, hidden=12, chunk_size=2, algorithm="dual", forget=0.01, dtype=torch.float32)
+    x, x0 = random_inputs(1, 80, 8, dtype=torch.float32)
+    out = layer(x, x0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), reference_for_layer(layer, x, x0), rtol=1e-4, atol=1e-4)
+
+
+def test_update_norm_is_bounded_by_the_clip_and_forgetting(make_layer):
+    """With clip tau and factor lambda, ||W - W0||_F <= tau / (1 - lambda), however long the stream;
+    without forgetting it grows past that bound."""
+    tau = 0.05
+    bound = tau / (1 - FORGET)
+    norms = {}
+    for forget in (FORGET, 1.0):
+        layer = make_layer(chunk_size=C, clip_tau=tau, forget=forget, init_std=1.0)
+        x, x0 = random_inputs(1, 60 * C, layer.dim)
+        with torch.no_grad(), layer.streaming(1):
+            layer(x, x0)
+            norms[forget] = float(layer.fast_weight_change_norms())
+    assert norms[FORGET] <= bound * (1 + 1e-9)
+    assert norms[1.0] > 2 * bound
+
+
+def test_bad_forget_is_refused():
+    from moshi_ttt import TTTConfig
+    for bad in (0.0, 1.5, -0.1, float("nan"), True, 1e-7):
+        with pytest.raises(ValueError, match=r"forget=.*expected a number in \(0, 1\]"):
+            InPlaceTTTGating(8, 12, F.silu, forget=bad)
+        with pytest.raises(ValueError, match=r"ttt.forget=.*expected a number in \(0, 1\]"):
+            TTTConfig(forget=bad)
+
+
+BEFORE = Path(__file__).parent / "data" / "before_forget.pt"
+
+
+def outputs_without_forget() -> dict[str, torch.Tensor]:
+    """Outputs, gradients and streams of small layers with the default forget (1), at float64 and
+    float32. tests/data/before_forget.pt holds this at commit f5dc75e, before the option existed:
+    from a checkout of it, `PYTHONPATH=src:tests python -c "import torch, test_forget;
+    torch.save(test_forget.outputs_without_forget(), 'before_forget.pt')"` (with SPAN = 8, as the
+    test fixture sets it) writes it again."""
+    got = {}
+    for dtype in (torch.float64, torch.float32):
+        for algorithm, block in (("dual", 8), ("scan", 8), ("scan", 4)):
+            for clip in (None, 0.05):
+                torch.manual_seed(0)
+                layer = InPlaceTTTGating(8, 12, F.silu, chunk_size=4, eta=0.5, kernel_size=3, clip_tau=clip,
+                                         init="normal", init_std=0.3, algorithm=algorithm, scan_block=block,
+                                         dtype=dtype).train()
+                x, x0 = random_inputs(2, 19, 8, dtype=dtype)
+                x.requires_grad_(True)
+                y = layer(x, x0)
+                y.square().sum().backward()
+                key = f"{dtype}-{algorithm}-{block}-{clip}"
+                got[key + "/out"], got[key + "/dx"] = y.detach(), x.grad
+                for name, p in layer.named_parameters():
+                    got[key + "/" + name] = p.grad
+                layer.eval()
+                with torch.no_grad():
+                    got[key + "/stream1"] = stream(layer, x.detach(), x0, [1])
+                    got[key + "/stream5"] = stream(layer, x.detach(), x0, [5, 9])
+    return got
+
+
+def test_without_forgetting_everything_is_bit_identical_to_before():
+    expected = torch.load(BEFORE)
+    got = outputs_without_forget()
+    assert got.keys() == expected.keys()
+    differ = [k for k in expected if not torch.equal(got[k], expected[k])]
+    assert not differ, differ
+
+
+def test_the_lora_path_without_forgetting_is_the_plain_one():
+    """add_inplace_ttt_ onto a slow output (the LoRA path) with forget 1 runs the code the
+    saved outputs above cover: it equals the down-projection's term bit for bit."""
+    from moshi_ttt.ops import add_inplace_ttt_, inplace_ttt_down
+    z, v = random_inputs(2, 19, 8)
+    weight = torch.randn(8, 8, dtype=torch.float64)
+    down = inplace_ttt_down(z, v, weight, 4, 0.5, algorithm="scan", scan_block=8)
+    added = add_inplace_ttt_(z @ weight.T, z, v, 4, 0.5, algorithm="scan", scan_block=8, forget=1.0)
+    torch.testing.assert_close(added, down, rtol=1e-14, atol=1e-14)
