@@ -13,8 +13,10 @@ C = 3
 @pytest.mark.parametrize("clip_tau", [None, 0.05])
 @pytest.mark.parametrize("length", [2 * C + 1, 3 * C])
 @pytest.mark.parametrize("algorithm", ["dual", "scan"])
-def test_gradcheck_every_parameter(make_layer, clip_tau, length, algorithm, scores_kept_or_recomputed):
-    layer = make_layer(dim=4, hidden=6, chunk_size=C, kernel_size=2, clip_tau=clip_tau, algorithm=algorithm)
+@pytest.mark.parametrize("forget", [1.0, 0.6])
+def test_gradcheck_every_parameter(make_layer, clip_tau, length, algorithm, forget, scores_kept_or_recomputed):
+    layer = make_layer(dim=4, hidden=6, chunk_size=C, kernel_size=2, clip_tau=clip_tau, algorithm=algorithm,
+                       forget=forget)
     x, x0 = random_inputs(2, length, 4)
     names = [n for n, _ in layer.named_parameters()]
     assert names == ["linear_in.weight", "linear_out.weight", "ttt_target.conv", "ttt_target.proj.weight"]

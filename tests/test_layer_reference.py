@@ -50,9 +50,10 @@ def test_float32_layer_matches_reference(make_layer, algorithm):
 @pytest.mark.parametrize("clip_tau", [None, 0.05])
 @pytest.mark.parametrize("algorithm", ["dual", "scan"])
 @pytest.mark.parametrize("kernel_size,kernel_past", [(3, 0), (5, 2), (3, 2)])
-def test_streaming_matches_parallel(make_layer, step_sizes, clip_tau, algorithm, kernel_size, kernel_past):
+@pytest.mark.parametrize("forget", [1.0, 0.6])
+def test_streaming_matches_parallel(make_layer, step_sizes, clip_tau, algorithm, kernel_size, kernel_past, forget):
     layer = make_layer(chunk_size=C, kernel_size=kernel_size, kernel_past=kernel_past, clip_tau=clip_tau,
-                       algorithm=algorithm)
+                       algorithm=algorithm, forget=forget)
     x, x0 = random_inputs(3, 5 * C + 3, layer.dim)
     torch.testing.assert_close(stream(layer, x, x0, step_sizes), layer(x, x0), rtol=1e-10, atol=1e-10)
 

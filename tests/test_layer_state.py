@@ -58,8 +58,9 @@ def test_samples_have_their_own_fast_weights(make_layer):
 
 
 @pytest.mark.parametrize("reset_at", [C + 2, 2 * C])
-def test_reset_one_sample(make_layer, reset_at):
-    layer = make_layer(chunk_size=C, kernel_size=3, clip_tau=0.05)
+@pytest.mark.parametrize("forget", [1.0, 0.6])
+def test_reset_one_sample(make_layer, reset_at, forget):
+    layer = make_layer(chunk_size=C, kernel_size=3, clip_tau=0.05, forget=forget)
     x, x0 = random_inputs(2, 5 * C, layer.dim)
     untouched = stream(layer, x, x0, [1])
     fresh = stream(layer, x[1:, reset_at:], x0[1:, reset_at:], [1])

@@ -2,6 +2,8 @@
 
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,23 @@ def test_the_command_line_training_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     train_command(example[2:] + ["--set", "max_steps=2", "--set", "eval_documents=2", "--set", "run_dir=run"])
     assert (tmp_path / "run" / "final" / "ttt.safetensors").is_file()
+
+
+@pytest.mark.parametrize("argv,shown", [(["--help"], "eval"), (["train", "--help"], "--with-baseline")])
+def test_the_command_help_imports_neither_torch_nor_moshi(argv, shown):
+    code = (f"import sys\nfrom moshi_ttt.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules and 'moshi' not in sys.modules, "
+            "sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'moshi'))[:5]")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert shown in done.stdout
+
+
+def test_an_expected_error_is_one_line_and_status_2(tmp_path):
+    command = [sys.executable, "-m", "moshi_ttt.cli", "train", "--set", "batch_size=0",
+               "--set", f"run_dir={tmp_path / 'run'}"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "moshi-ttt train: error: batch_size=0: expected an integer >= 1"
+    debug = subprocess.run(command[:3] + ["--debug"] + command[3:], capture_output=True, text=True)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr

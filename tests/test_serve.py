@@ -83,3 +83,17 @@ def test_server_answers_and_each_connection_starts_fresh(ttt_model_dir):
     assert all(len(r) > 1 for r in first)
     # Greedy decoding: the same audio gives the same answer only if nothing carried over.
     assert second == first
+
+
+def test_serving_defaults_pick_the_cpu_and_serve_without_a_client_offline(monkeypatch, capsys):
+    from moshi_ttt import serve
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(serve.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(serve, "hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("x")))
+    assert serve.with_serving_defaults(["--port", "1"]) == ["--port", "1", "--device", "cpu", "--static", "none"]
+    printed = capsys.readouterr().out
+    assert "serving on the CPU" in printed and "give a client with --static DIR" in printed
+    given = ["--device", "cuda", "--static=web"]
+    assert serve.with_serving_defaults(given) == given
+    monkeypatch.setattr(serve, "hf_hub_download", lambda *a, **k: "/cache/dist.tgz")
+    assert serve.with_serving_defaults([]) == ["--device", "cpu"]

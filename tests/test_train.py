@@ -337,3 +337,100 @@ def test_documents_of_varied_length():
     same = SyntheticDocuments(32, 64, 3, num_codebooks=5, dep_q=2, card=64, text_card=120, text_padding_id=3,
                               spacing=8)
     assert all(same.num_frames(i) == 64 for i in range(32))
+
+
+def test_sigint_finishes_the_step_writes_a_checkpoint_and_resume_continues(tmp_path, monkeypatch, capsys):
+    import signal
+    whole = train(config(tmp_path, "whole", ckpt_freq=100))["losses"]
+    real_step = trainer._train_step
+    calls = []
+
+    def interrupted_at_three(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step: the step still ends
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(trainer, "_train_step", interrupted_at_three)
+    with pytest.raises(SystemExit) as stopped:
+        train(config(tmp_path, "split", ckpt_freq=100))
+    assert stopped.value.code == 128 + signal.SIGINT
+    assert "SIGINT: stopped after step 3 of 8" in capsys.readouterr().out
+    assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "split")] == ["step_000003"]
+    monkeypatch.setattr(trainer, "_train_step", real_step)
+    rest = train(config(tmp_path, "split", ckpt_freq=100), resume=True)["losses"]
+    assert list(logged_losses(tmp_path / "split").values()) == whole and len(rest) == 5
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_a_used_run_dir_is_never_clobbered(tmp_path):
+    import hashlib
+    run = config(tmp_path, max_steps=2, ckpt_freq=1, keep_last=1)
+    train(run)
+
+    def hashes():
+        return {str(p.relative_to(tmp_path)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted((tmp_path / "run").rglob("*")) if p.is_file()}
+    before = hashes()
+    with pytest.raises(ValueError, match=r"run_dir=.* already holds a run .*continue it with --resume"):
+        train(run)
+    assert hashes() == before
+    again = config(tmp_path, max_steps=1, ckpt_freq=1, overwrite_run_dir=True)
+    train(again)
+    assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "run")] == ["step_000001"]
+
+
+def test_keep_last_never_deletes_the_checkpoint_just_written(tmp_path):
+    run_dir = tmp_path / "run"
+    lm = torch.nn.Linear(2, 2)
+    for step in (70, 60):  # an older run's later checkpoint is still there
+        checkpointing.save_checkpoint(run_dir, step, lm, {"step": step}, "", keep_last=2)
+    checkpointing.save_checkpoint(run_dir, 10, lm, {"step": 10}, "", keep_last=2)
+    assert [p.name for p in checkpointing.list_checkpoints(run_dir)] == ["step_000010", "step_000070"]
+    checkpointing.save_checkpoint(run_dir, 20, lm, {"step": 20}, "", keep_last=1)
+    assert [p.name for p in checkpointing.list_checkpoints(run_dir)] == ["step_000020"]
+
+
+def test_a_trained_model_points_to_the_mimi_and_tokenizer_it_was_trained_with(tmp_path):
+    """final/ of a run from a checkpoint with Mimi and a tokenizer serves and evaluates as it is."""
+    from assets import write_plain_checkpoint
+    from moshi_ttt.models import checkpoint_info
+    from moshi_ttt.train.tokenize import AudioTokenizer
+    source = write_plain_checkpoint(tmp_path / "plain", with_assets=True)
+    run = config(tmp_path, model=str(source), mode="ttt", max_steps=1, ckpt_freq=1, tiny={})
+    train(run)
+    final = tmp_path / "run" / "final"
+    assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors", "ttt.safetensors"]
+    info = checkpoint_info(final)
+    assert info.mimi_weights == (source / "mimi.safetensors").resolve()
+    assert info.tokenizer == (source / "tokenizer.model").resolve()
+    tokenizer = AudioTokenizer.from_checkpoint_info(info, device="cpu")
+    codes = tokenizer.encode(torch.zeros(1, 24000).numpy())
+    assert codes.shape[0] == 5 and codes.shape[1] >= 12
+    import numpy as np
+    import sphn
+    from moshi_ttt.eval.command import eval_command
+    (tmp_path / "long").mkdir()
+    sphn.write_wav(str(tmp_path / "long" / "a.wav"), np.random.default_rng(0).normal(0, 0.1, (1, 48000)).astype(
+        np.float32), 24000)
+    results = eval_command(["--model", str(final), "--long-audio", str(tmp_path / "long"), "--out",
+                            str(tmp_path / "eval"), "--device", "cpu", "--dtype", "float32", "--no-ttt-off"])
+    assert results["long_context"]["summary"]["run"]["documents"] == 1
+
+
+def test_a_ttt_section_with_a_ttt_model_is_applied_or_refused(tmp_path):
+    """Continuing a saved TTT model: its settings are the defaults, eta/forget/... apply, and a
+    change of its structure is an error naming the field."""
+    train(config(tmp_path, "first", max_steps=1, ckpt_freq=1))
+    saved = tmp_path / "first" / "final"
+    kept = TrainConfig.from_dict({"model": str(saved)})
+    assert kept.ttt == TTTConfig.from_dict(json.loads((saved / "config.json").read_text())["ttt"])
+    retuned = config(tmp_path, "second", model=str(saved), mode="ttt", max_steps=1, ckpt_freq=1, tiny={},
+                     ttt={"eta": 0.2, "forget": 0.9})
+    assert (retuned.ttt.eta, retuned.ttt.forget, retuned.ttt.every) == (0.2, 0.9, 2)
+    train(retuned)
+    written = json.loads((tmp_path / "second" / "final" / "config.json").read_text())["ttt"]
+    assert (written["eta"], written["forget"], written["every"]) == (0.2, 0.9, 2)
+    structural = config(tmp_path, "third", model=str(saved), mode="ttt", max_steps=1, ckpt_freq=1, tiny={},
+                        ttt={"x0_source": "input"})
+    with pytest.raises(ValueError, match=r"structure cannot change \(ttt.x0_source: 'text' -> 'input'\)"):
+        train(structural)

@@ -1,45 +1,29 @@
-"""moshi-ttt: In-Place Test-Time Training for Kyutai's Moshi."""
+"""moshi-ttt: In-Place Test-Time Training for Kyutai's Moshi.
 
+The names below load on first use, so that `moshi-ttt --help` answers without importing
+torch and moshi.
+"""
+
+import importlib
 import os
+import typing as tp
 
-import torch
-
-if not torch.cuda.is_available():
-    # moshi compiles its gating kernel lazily, which on a CPU only costs ~20 s at the first
-    # step; this must be set before moshi is imported to take effect.
+if not os.path.exists("/dev/nvidiactl"):
+    # No NVIDIA GPU: moshi compiles its gating kernel lazily, which on a CPU only costs ~20 s
+    # at the first step; this must be set before moshi is imported to take effect.
     os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
-from .models import (
-    TTTConfig,
-    apply_ttt,
-    build_lm,
-    document_segments,
-    load_ttt_lm,
-    load_ttt_weights,
-    save_ttt_lm,
-    save_ttt_weights,
-    set_ttt_enabled,
-    tiny_lm_config,
-    tiny_mimi_config,
-    ttt_layers,
-)
-from .modules import InPlaceTTTGating, LMAlignedTargets, TTTInactiveWarning
-
-__all__ = [
-    "InPlaceTTTGating",
-    "LMAlignedTargets",
-    "TTTConfig",
-    "TTTInactiveWarning",
-    "apply_ttt",
-    "build_lm",
-    "document_segments",
-    "load_ttt_lm",
-    "load_ttt_weights",
-    "save_ttt_lm",
-    "save_ttt_weights",
-    "set_ttt_enabled",
-    "tiny_lm_config",
-    "tiny_mimi_config",
-    "ttt_layers",
-]
+_FROM_MODULE = {
+    "InPlaceTTTGating": ".modules", "LMAlignedTargets": ".modules", "TTTInactiveWarning": ".modules",
+    **{name: ".models" for name in ("TTTConfig", "apply_ttt", "build_lm", "document_segments", "load_ttt_lm",
+                                    "load_ttt_weights", "save_ttt_lm", "save_ttt_weights", "set_ttt_enabled",
+                                    "tiny_lm_config", "tiny_mimi_config", "ttt_layers")},
+}
+__all__ = sorted(_FROM_MODULE)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> tp.Any:
+    if name in _FROM_MODULE:
+        return getattr(importlib.import_module(_FROM_MODULE[name], __name__), name)
+    raise AttributeError(f"module 'moshi_ttt' has no attribute {name!r}")

@@ -6,14 +6,19 @@ checkpoint's own "ttt" config, or from `--ttt-config` for a plain checkpoint).
 With `--model DIR` the checkpoint comes from that local directory. moshi.server
 resets LMGen's streaming state for every new connection, and that reset puts
 every TTT layer's fast weights back to W0.
+
+Without a GPU it runs on the CPU (`--device cpu`); without the web client in the Hugging
+Face cache and no way to download it, it serves the API alone (`--static none`), and says so.
 """
 
 import argparse
+import os
 import runpy
 import sys
 from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download
 from moshi.models import loaders
 
 from .models import TTTConfig, checkpoint_info, lm_from_checkpoint_info
@@ -46,8 +51,43 @@ def serve(argv: list[str]) -> None:
         return lm_from_checkpoint_info(info, ttt, device=device, dtype=dtype, **kwargs)
 
     loaders.CheckpointInfo.get_moshi = get_moshi
+    moshi_argv = with_serving_defaults(moshi_argv)
     if not torch.cuda.is_available():
         # moshi.server's warm-up synchronizes CUDA unconditionally; on a CPU there is nothing to wait for.
         torch.cuda.synchronize = lambda *args, **kwargs: None
     sys.argv = ["moshi.server", *moshi_argv]
     runpy.run_module("moshi.server", run_name="__main__")
+
+
+WEB_CLIENT = ("kyutai/moshi-artifacts", "dist.tgz")  # what moshi.server downloads without --static
+
+
+def with_serving_defaults(moshi_argv: list[str]) -> list[str]:
+    """moshi.server's arguments, with --device cpu where there is no GPU and --static none where
+    the web client is neither cached nor downloadable (both only when not given)."""
+    given = {a.split("=")[0] for a in moshi_argv}
+    out = list(moshi_argv)
+    if "--device" not in given and not torch.cuda.is_available():
+        print("no GPU: serving on the CPU (--device cpu)")
+        out += ["--device", "cpu"]
+    if "--static" not in given and not _web_client_available():
+        print("the web client is not in the Hugging Face cache and cannot be downloaded: serving the API "
+              "only (--static none); give a client with --static DIR")
+        out += ["--static", "none"]
+    return out
+
+
+def _web_client_available() -> bool:
+    """The web client is in the Hugging Face cache, or (online) downloads within seconds."""
+    try:
+        hf_hub_download(*WEB_CLIENT, local_files_only=True)
+        return True
+    except (OSError, ValueError):  # not cached
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return False
+    try:
+        hf_hub_download(*WEB_CLIENT, etag_timeout=5)
+        return True
+    except (OSError, ValueError):  # no network, or no such file
+        return False

@@ -20,9 +20,12 @@ from ..train.config import SyntheticConfig
 from ..utils.atomic import atomic_file
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and every option's default."""
+
+
 def eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moshi-ttt eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="moshi-ttt eval", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--model", action="append", required=True, metavar="[LABEL=]PATH",
                         help="a TTT (or plain) Moshi checkpoint directory or HF repo, optionally labelled; "
                              "repeat to compare (default label: the directory's name, its parent's for 'final')")

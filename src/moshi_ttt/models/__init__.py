@@ -14,7 +14,7 @@ from .checkpoints import (
     ttt_state_dict,
 )
 from .config import TTTConfig
-from .convert import apply_ttt, document_segments, set_ttt_enabled, ttt_layers
+from .convert import apply_ttt, document_segments, retune_ttt, set_ttt_enabled, ttt_layers
 from .tiny import build_lm, tiny_lm_config, tiny_mimi_config
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "load_moshi_lm",
     "load_ttt_lm",
     "load_ttt_weights",
+    "retune_ttt",
     "save_moshi_lm",
     "save_ttt_lm",
     "save_ttt_weights",

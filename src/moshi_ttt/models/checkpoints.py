@@ -193,18 +193,50 @@ def checkpoint_info(source: str | Path, *, moshi_weights: str | Path | None = No
     raw: dict[str, tp.Any] = json.loads(config_file.read_text())
 
     def local(key: str, default: str) -> Path:
-        return path / raw.get(key, default)
+        return named_file(path, raw.get(key, default))
 
     weights = Path(moshi_weights) if moshi_weights is not None else local("moshi_name", loaders.MOSHI_NAME)
     if not weights.is_file():
         raise FileNotFoundError(f"Moshi weights not found: {weights}")
-    optional = {arg: path / raw[key] for key, arg in
+    optional = {arg: local(key, "") for key, arg in
                 (("mimi_config_name", "mimi_config_path"), ("lora_name", "lora_weights")) if key in raw}
     return loaders.CheckpointInfo.from_hf_repo(
         str(path), moshi_weights=weights,
         mimi_weights=mimi_weights if mimi_weights is not None else local("mimi_name", loaders.MIMI_NAME),
         tokenizer=tokenizer if tokenizer is not None else local("tokenizer_name", loaders.TEXT_TOKENIZER_NAME),
         config_path=config_file, **optional)
+
+
+ASSET_KEYS = ("mimi_name", "mimi_config_name", "tokenizer_name")
+
+
+def named_file(directory: Path, name: str) -> Path:
+    """The file a checkpoint's config.json names: in its directory, or anywhere as file://PATH."""
+    return Path(name.removeprefix("file://")) if name.startswith("file://") else directory / name
+
+
+def with_assets(moshi_config: dict[str, tp.Any], source: str | Path, *, mimi_weights: str | Path | None = None,
+                tokenizer: str | Path | None = None) -> dict[str, tp.Any]:
+    """`moshi_config` pointing, by absolute path, to the Mimi weights and config and the text
+    tokenizer of `source` (or the given overrides) where those files exist, so that a model saved
+    with it finds them wherever it was trained from; the keys of missing files are dropped."""
+    config = {k: v for k, v in moshi_config.items() if k not in ASSET_KEYS}
+    found: dict[str, Path | None] = {"mimi_name": None, "mimi_config_name": None, "tokenizer_name": None}
+    path = Path(source)
+    if path.is_dir() and (path / "config.json").is_file():
+        raw = json.loads((path / "config.json").read_text())
+        found.update({k: named_file(path, raw[k]) for k in ASSET_KEYS if k in raw})
+    elif source != "tiny":
+        info = checkpoint_info(source)
+        found.update(mimi_name=info.mimi_weights, tokenizer_name=info.tokenizer)
+    if mimi_weights is not None:
+        found["mimi_name"] = Path(mimi_weights)
+    if tokenizer is not None:
+        found["tokenizer_name"] = Path(tokenizer)
+    # file://: moshi's own loader reads the same names as local files (not names in a repo).
+    config.update({k: "file://" + str(Path(v).resolve()) for k, v in found.items()
+                   if v is not None and Path(v).is_file()})
+    return config
 
 
 def _check_keys_and_shapes(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor],

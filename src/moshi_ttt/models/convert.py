@@ -15,6 +15,7 @@ Hooks are `functools.partial`s of modules, so `copy.deepcopy` keeps them consist
 """
 
 import contextlib
+import dataclasses
 import functools
 import typing as tp
 
@@ -58,6 +59,28 @@ def apply_ttt(lm_model: LMModel, config: TTTConfig) -> LMModel:
 def ttt_layers(model: nn.Module) -> list[tuple[str, InPlaceTTTGating]]:
     """(name, layer) of every In-Place TTT layer of a model."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, InPlaceTTTGating)]
+
+
+RETUNABLE = ("chunk_size", "eta", "forget", "clip_tau", "algorithm", "scan_block")  # no parameter depends on them
+
+
+def retune_ttt(lm_model: LMModel, config: TTTConfig) -> None:
+    """Give a converted model's TTT layers the RETUNABLE settings of `config`; any other
+    difference (which layers, the target generator's shape or source) is an error."""
+    current = lm_model.ttt_config
+    num_layers = len(lm_model.transformer.layers)
+    fixed = [f.name for f in dataclasses.fields(TTTConfig) if f.name not in RETUNABLE + ("layers", "start", "every")
+             and getattr(config, f.name) != getattr(current, f.name)]
+    if config.layer_indices(num_layers) != current.layer_indices(num_layers):
+        fixed.insert(0, "layers")
+    if fixed:
+        listed = ", ".join(f"ttt.{name}: {getattr(current, name)!r} -> {getattr(config, name)!r}" for name in fixed)
+        raise ValueError(f"the TTT model's structure cannot change ({listed}); only {', '.join(RETUNABLE)} can "
+                         "(drop the others from the ttt section, or start from a plain Moshi)")
+    for _, layer in ttt_layers(lm_model):
+        for name in RETUNABLE:
+            setattr(layer, name, getattr(config, name))
+    lm_model.ttt_config = config
 
 
 def set_ttt_enabled(model: nn.Module, enabled: bool) -> None:

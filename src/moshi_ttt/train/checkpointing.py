@@ -60,7 +60,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, training_s
         save_file(trainable, str(tmp / "trainable.safetensors"))
         torch.save(training_state, tmp / "training_state.pt")
         (tmp / "config.yaml").write_text(config_yaml)
-    for old in list_checkpoints(run_dir)[:-keep_last]:
+    others = [p for p in list_checkpoints(run_dir) if p != target]  # the one just written always stays
+    for old in others[:max(0, len(others) - (keep_last - 1))]:
         shutil.rmtree(old)
     return target
 

@@ -5,12 +5,10 @@ from pathlib import Path
 
 import yaml
 
-from .config import TrainConfig
-
 
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="moshi-ttt train",
+        prog="moshi-ttt train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Finetune a TTT Moshi. With no config: the tiny model on the synthetic dataset, on the CPU.")
     parser.add_argument("--config", type=Path, help="training config (YAML); defaults for what it leaves out")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -44,6 +42,7 @@ def train_command(argv: list[str]) -> None:
         data["baseline"] = True
     if args.with_baseline and args.stop_after is not None:
         raise SystemExit("--with-baseline trains both runs to the end: it cannot take --stop-after")
+    from .config import TrainConfig  # here, not above: `--help` needs no torch
     config = TrainConfig.from_dict(data)
     if args.with_baseline:
         from .trainer import train_with_baseline

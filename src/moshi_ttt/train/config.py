@@ -8,6 +8,7 @@ names it, with its dotted path.
 """
 
 import dataclasses
+import json
 import types
 import typing as tp
 from dataclasses import dataclass, field
@@ -110,7 +111,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     device: str = "auto"
     seed: int = 0
-    run_dir: str = "runs/train"
+    run_dir: str = "runs/train"  # a new run needs it empty or absent (or overwrite_run_dir: true)
+    overwrite_run_dir: bool = False
     log_freq: int = 10  # steps between logged metrics
     ckpt_freq: int = 100  # steps between checkpoints (one is also written when a run stops)
     keep_last: int = 2
@@ -162,7 +164,7 @@ class TrainConfig:
         if self.duration_sec is not None and self.seq_frames is not None:
             raise ValueError(f"duration_sec={self.duration_sec!r}, seq_frames={self.seq_frames!r}: "
                              "give at most one of the two")
-        for name in ("baseline", "do_eval", "bf16", "gradient_checkpointing", "data.shuffle"):
+        for name in ("baseline", "do_eval", "bf16", "gradient_checkpointing", "data.shuffle", "overwrite_run_dir"):
             if not isinstance(_get(self, name), bool):
                 raise ValueError(f"{name}={_get(self, name)!r}: expected true or false")
         if self.baseline and self.mode == "ttt":
@@ -205,7 +207,9 @@ class TrainConfig:
         data = data or {}
         model = data.get("model", "tiny") if isinstance(data, tp.Mapping) else "tiny"
         if model != "tiny":
-            data = _merged(CHECKPOINT_DEFAULTS, data)
+            # A saved TTT model's own settings are the defaults its ttt section changes.
+            saved = saved_ttt_settings(model) if isinstance(model, str) and model else None
+            data = _merged(dict(CHECKPOINT_DEFAULTS, **({"ttt": saved} if saved else {})), data)
         return _build(cls, data, "")
 
     @classmethod
@@ -225,6 +229,18 @@ class TrainConfig:
 CHECKPOINT_DEFAULTS: dict[str, tp.Any] = {
     "mode": "ttt_layers", "optim": {"lr": 2e-6}, "ttt": TTTConfig().to_dict(), "max_steps": 1200, "batch_size": 8,
     "reset_fast_weights": "document", "stream_from_step": 0, "data": {"synthetic": {"documents_per_row": 1}}}
+
+
+def saved_ttt_settings(model: str) -> dict[str, tp.Any] | None:
+    """The TTTConfig a local TTT model directory was saved with (its config.json's "ttt"), or None."""
+    config_file = Path(model) / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        saved = json.loads(config_file.read_text()).get("ttt")
+    except (ValueError, AttributeError):
+        return None
+    return TTTConfig.from_dict(saved).to_dict() if isinstance(saved, dict) else None
 
 
 def _merged(base: tp.Mapping[str, tp.Any], data: tp.Mapping[str, tp.Any]) -> dict[str, tp.Any]:

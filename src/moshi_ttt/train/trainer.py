@@ -12,6 +12,8 @@ import dataclasses
 import functools
 import json
 import math
+import shutil
+import signal
 import sys
 import time
 import typing as tp
@@ -24,13 +26,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..models import (build_lm, checkpoint_info, document_segments, is_ttt_checkpoint, load_moshi_lm, load_ttt_lm,
-                      save_moshi_lm, save_ttt_lm, set_ttt_enabled, tiny_lm_config)
+                      retune_ttt, save_moshi_lm, save_ttt_lm, set_ttt_enabled, tiny_lm_config)
+from ..models.checkpoints import with_assets
 from ..models.convert import ttt_layers
 from ..utils.atomic import atomic_file
 from .batches import DocumentSource, SequenceBatcher
 from .checkpointing import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .distributed import Distributed, setup
+from .interrupts import stop_on_signals
 from .loss import loss_weights, weighted_losses
 from .modes import GROUPS, apply_mode, parameter_group
 
@@ -61,6 +65,8 @@ def build_model(config: TrainConfig, device: torch.device) -> LMModel:
     else:
         saved = is_ttt_checkpoint(config.model)
         lm = load_ttt_lm(config.model, None if saved else config.ttt, device=device, dtype=dtype)
+        if saved:
+            retune_ttt(lm, config.ttt)  # the config's eta, forget, ... apply; a structural change is an error
     lm.train()
     lm.transformer.checkpointing = config.gradient_checkpointing
     return lm
@@ -139,6 +145,8 @@ def train_with_baseline(config: TrainConfig, resume: bool = False) -> dict[str, 
     _check_baseline_model(baseline)  # before the first run, not after it
     result = train(config, resume=resume)
     resume_baseline = resume and bool(list_checkpoints(Path(baseline.run_dir)))
+    if resume and not resume_baseline:  # the baseline had not reached a checkpoint: nothing of it to keep
+        baseline = dataclasses.replace(baseline, overwrite_run_dir=True)
     result["baseline"] = train(baseline, resume=resume_baseline)
     if "recall" in result and "recall" in result["baseline"]:
         from ..eval.recall import verdict, write_recall
@@ -172,10 +180,6 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
     run_dir = Path(config.run_dir)
     torch.manual_seed(config.seed)
     lm = build_model(config, dist.device)
-    if getattr(lm, "ttt_config", None) is not None and lm.ttt_config != config.ttt:
-        print(f"model={config.model!r} is a TTT model: its own TTT settings are used, not the config's: "
-              f"{lm.ttt_config}")
-        config = dataclasses.replace(config, ttt=lm.ttt_config)
     layers = config.ttt.layer_indices(len(lm.transformer.layers)) if config.baseline else None
     counts = apply_mode(lm, config.mode, config.lora.rank, config.lora.scaling, layers=layers)
     params = [p for p in lm.parameters() if p.requires_grad]
@@ -192,6 +196,8 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
     step = 0
     if resume:
         step = _resume(run_dir, config, lm, optimizer, schedule, batcher)
+    elif dist.is_main:
+        _claim_run_dir(run_dir, config.overwrite_run_dir)
     model = DistributedDataParallel(lm, find_unused_parameters=True) if dist.enabled else lm
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -211,6 +217,9 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
                     disable=not (dist.is_main and interactive))
     train_s = 0.0
     fast_layers = ttt_layers(lm)
+    stop = contextlib.ExitStack()
+    request = stop.enter_context(stop_on_signals())
+    interrupted = None
     for step in progress:
         start = time.perf_counter()
         log_now = (step + 1) % config.log_freq == 0
@@ -241,13 +250,24 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
         if log_now and dist.is_main and not interactive:
             print(f"step {step + 1}/{config.max_steps}: loss {metrics['loss']:.3f}, lr {metrics['lr']:.2e}, "
                   f"{metrics['frames_per_s']:.0f} frames/s, {train_s:.0f} s", flush=True)
-        if (step + 1) % config.ckpt_freq == 0 or step + 1 == last_step:
+        interrupted = request.agreed(dist)
+        if (step + 1) % config.ckpt_freq == 0 or step + 1 == last_step or interrupted:
             if dist.is_main:
                 state = {"step": step + 1, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                          "rng": rng_state(), "data": batcher.state_dict()}
                 save_checkpoint(run_dir, step + 1, lm, state, config.to_yaml(), config.keep_last)
             dist.barrier()
+        if interrupted:
+            progress.close()
+            break
+    stop.close()
     metrics_log.close()
+    if interrupted:
+        name = signal.Signals(interrupted).name
+        if dist.is_main:
+            print(f"{name}: stopped after step {step + 1} of {config.max_steps}; checkpoint written to "
+                  f"{list_checkpoints(run_dir)[-1]}. Continue with the same command and --resume.", flush=True)
+        raise SystemExit(128 + interrupted)
     if dist.is_main:
         from .plots import plot_losses
         plot = plot_losses(run_dir)
@@ -325,7 +345,24 @@ def _update_norms(fast_layers: list) -> dict[str, float]:
 
 
 # Settings a resumed run may change: they do not change what it computes.
-RESUMABLE_CHANGES = ("run_dir", "device", "log_freq", "ckpt_freq", "keep_last")
+RESUMABLE_CHANGES = ("run_dir", "device", "log_freq", "ckpt_freq", "keep_last", "overwrite_run_dir")
+
+
+def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """A new run starts in an empty run_dir (moshi-finetune's rule); overwrite_run_dir empties it first."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise ValueError(f"run_dir={str(run_dir)!r} is a file, not a directory")
+    held = sorted(p.name for p in run_dir.iterdir())
+    if not held:
+        return
+    if not overwrite:
+        raise ValueError(f"run_dir={str(run_dir)!r} already holds a run ({', '.join(held[:4])}"
+                         f"{', ...' if len(held) > 4 else ''}): continue it with --resume, give another run_dir, "
+                         "or set overwrite_run_dir: true to replace it")
+    print(f"overwrite_run_dir: removing the previous run in {run_dir}")
+    shutil.rmtree(run_dir)
 
 
 def _resume(run_dir: Path, config: TrainConfig, lm: LMModel, optimizer, schedule, batcher: SequenceBatcher) -> int:
@@ -366,6 +403,9 @@ def _export(lm: LMModel, config: TrainConfig, directory: Path) -> None:
     from moshi.modules.lora import replace_lora_with_linear
     if config.mode == "lora":
         replace_lora_with_linear(lm)
+    if config.model != "tiny":  # point to the source's Mimi and tokenizer: serve and eval need them
+        lm.moshi_config = with_assets(lm.moshi_config, config.model, mimi_weights=config.data.mimi_weights,
+                                      tokenizer=config.data.tokenizer)
     (save_moshi_lm if config.baseline else save_ttt_lm)(lm, directory)
     print(f"trained model saved to {directory}")
 
