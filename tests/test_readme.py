@@ -87,7 +87,8 @@ def test_the_command_line_training_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "final" / "ttt.safetensors").is_file()
 
 
-@pytest.mark.parametrize("argv,shown", [(["--help"], "eval"), (["train", "--help"], "--with-baseline")])
+@pytest.mark.parametrize("argv,shown", [(["--help"], "eval"), (["train", "--help"], "--with-baseline"),
+                                        (["eval", "--help"], "--recall-stream")])
 def test_the_command_help_imports_neither_torch_nor_moshi(argv, shown):
     code = (f"import sys\nfrom moshi_ttt.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
             "assert 'torch' not in sys.modules and 'moshi' not in sys.modules, "
@@ -102,6 +103,7 @@ def test_an_expected_error_is_one_line_and_status_2(tmp_path):
                "--set", f"run_dir={tmp_path / 'run'}"]
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 2
-    assert done.stderr.strip() == "moshi-ttt train: error: batch_size=0: expected an integer >= 1"
+    assert done.stderr.strip() == ("moshi-ttt train: error: batch_size=0: expected an integer >= 1 "
+                                   "(moshi-ttt --debug train ... shows where)")
     debug = subprocess.run(command[:3] + ["--debug"] + command[3:], capture_output=True, text=True)
     assert debug.returncode == 1 and "Traceback" in debug.stderr

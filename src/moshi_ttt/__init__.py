@@ -8,9 +8,9 @@ import importlib
 import os
 import typing as tp
 
-if not os.path.exists("/dev/nvidiactl"):
-    # No NVIDIA GPU: moshi compiles its gating kernel lazily, which on a CPU only costs ~20 s
-    # at the first step; this must be set before moshi is imported to take effect.
+if not os.path.exists("/dev/nvidiactl") or os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+    # No NVIDIA GPU (or none visible): moshi compiles its gating kernel lazily, which on a CPU
+    # only costs ~20 s at the first step; this must be set before moshi is imported to take effect.
     os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 _FROM_MODULE = {

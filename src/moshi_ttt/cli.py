@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(args.command, rest)
     except (ValueError, FileNotFoundError, NotADirectoryError) as error:
-        print(f"moshi-ttt {args.command}: error: {error}", file=sys.stderr)
+        print(f"moshi-ttt {args.command}: error: {error} (moshi-ttt --debug {args.command} ... shows where)",
+              file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -1,11 +1,22 @@
 """`moshi-ttt eval`: recall of facts, loss against position, spoken-LM benchmarks, TTT diagnostics,
-a report."""
+a report.
 
-from .benchmarks import audio_log_likelihoods, score_pairs, storycloze_pairs, zerospeech_pairs
-from .diagnostics import ttt_diagnostics
-from .long_context import evaluate_documents
-from .recall import answer_questions, summarize, synthetic_recall_set
-from .teacher_forcing import position_losses
+The names below load on first use, so that `moshi-ttt eval --help` answers without torch.
+"""
 
-__all__ = ["answer_questions", "audio_log_likelihoods", "evaluate_documents", "position_losses", "score_pairs",
-           "storycloze_pairs", "summarize", "synthetic_recall_set", "ttt_diagnostics", "zerospeech_pairs"]
+import importlib
+import typing as tp
+
+_FROM_MODULE = {
+    **{name: ".benchmarks" for name in ("audio_log_likelihoods", "score_pairs", "storycloze_pairs",
+                                        "zerospeech_pairs")},
+    "ttt_diagnostics": ".diagnostics", "evaluate_documents": ".long_context", "position_losses": ".teacher_forcing",
+    **{name: ".recall" for name in ("answer_questions", "summarize", "synthetic_recall_set")},
+}
+__all__ = sorted(_FROM_MODULE)
+
+
+def __getattr__(name: str) -> tp.Any:
+    if name in _FROM_MODULE:
+        return getattr(importlib.import_module(_FROM_MODULE[name], __name__), name)
+    raise AttributeError(f"module 'moshi_ttt.eval' has no attribute {name!r}")

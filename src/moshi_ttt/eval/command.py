@@ -13,10 +13,7 @@ import json
 import typing as tp
 from pathlib import Path
 
-import torch
-
-from ..models import checkpoint_info, load_lm, set_ttt_enabled, ttt_layers
-from ..train.config import SyntheticConfig
+from ..train.config import SyntheticConfig  # no torch: `--help` answers at once
 from ..utils.atomic import atomic_file
 
 
@@ -78,9 +75,9 @@ def eval_parser() -> argparse.ArgumentParser:
                       help="run the diagnostics on this many first frames of each long document (0: off)")
     parser.add_argument("--mimi-weight", type=Path, help="Mimi weights, if not in the checkpoint")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
-                        choices=["bfloat16", "float32"])
+    parser.add_argument("--device", default="auto", help="auto: cuda where there is a GPU, else cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="auto: bfloat16 on a GPU, else float32")
     return parser
 
 
@@ -94,6 +91,9 @@ def eval_command(argv: list[str]) -> dict[str, tp.Any]:
     if args.recall_stream < 0:
         parser.error(f"--recall-stream={args.recall_stream}: expected a number of documents >= 1, or 0 (off)")
     args.recall = args.recall or args.recall_codes is not None or args.recall_stream > 0
+    import torch
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    args.dtype = ("bfloat16" if args.device.startswith("cuda") else "float32") if args.dtype == "auto" else args.dtype
     if not (args.recall or args.long_audio or args.long_codes or args.zerospeech or args.sstorycloze
             or args.tstorycloze):
         parser.error("nothing to evaluate: give --recall, --long-audio, --long-codes, --zerospeech, "
@@ -123,6 +123,9 @@ def model_labels(sources: list[str]) -> list[tuple[str, str]]:
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, tp.Any]:
+    import torch
+
+    from ..models import set_ttt_enabled, ttt_layers
     from .benchmarks import score_pairs, storycloze_pairs, zerospeech_pairs
     from .diagnostics import activity, ttt_diagnostics, write_diagnostics
     from .long_context import evaluate_documents, write_curves
@@ -237,7 +240,8 @@ def _recall(lm, recall_sets: list, batch_size: int) -> dict[str, tp.Any]:
     return summarize(answers, num_values=recall_sets[0].num_values, **attention_reach(lm))
 
 
-def _load(source: str, device: str, dtype: torch.dtype):
+def _load(source: str, device: str, dtype):
+    from ..models import checkpoint_info, load_lm
     return load_lm(source, device=device, dtype=dtype).eval(), checkpoint_info(source)
 
 
@@ -248,7 +252,7 @@ def _audio_tokenizer(info, lm, args):
     return AudioTokenizer.from_checkpoint_info(info, device=args.device, user=args.user, text=args.text)
 
 
-def _documents(args, lm, tokenizer) -> list[torch.Tensor]:
+def _documents(args, lm, tokenizer) -> list:
     from ..train.code_files import CodeFiles, audio_files
     documents = []
     if args.long_codes is not None:
@@ -282,10 +286,12 @@ def _diagnostics(lm, documents, frames: int, device: str, ttt_diagnostics) -> di
     usable = [d[:, :frames] for d in documents if d.shape[1] >= frames]
     if not usable:
         raise ValueError(f"--diagnostics-frames={frames}: no document is that long")
+    import torch
     return ttt_diagnostics(lm, torch.stack(usable).to(device))
 
 
 def _device_name(device: str) -> str:
+    import torch
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
     return "CPU"

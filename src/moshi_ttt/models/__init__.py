@@ -1,41 +1,25 @@
-"""TTT-enabled Moshi: conversion, configuration, checkpoints."""
+"""TTT-enabled Moshi: conversion, configuration, checkpoints.
 
-from .checkpoints import (
-    checkpoint_info,
-    is_ttt_checkpoint,
-    lm_from_checkpoint_info,
-    load_lm,
-    load_moshi_lm,
-    load_ttt_lm,
-    load_ttt_weights,
-    save_moshi_lm,
-    save_ttt_lm,
-    save_ttt_weights,
-    ttt_state_dict,
-)
-from .config import TTTConfig
-from .convert import apply_ttt, document_segments, retune_ttt, set_ttt_enabled, ttt_layers
-from .tiny import build_lm, tiny_lm_config, tiny_mimi_config
+The names below load on first use: reading a `TTTConfig` (and the `--help` of the
+commands that only parse one) needs no torch.
+"""
 
-__all__ = [
-    "TTTConfig",
-    "apply_ttt",
-    "build_lm",
-    "checkpoint_info",
-    "document_segments",
-    "is_ttt_checkpoint",
-    "lm_from_checkpoint_info",
-    "load_lm",
-    "load_moshi_lm",
-    "load_ttt_lm",
-    "load_ttt_weights",
-    "retune_ttt",
-    "save_moshi_lm",
-    "save_ttt_lm",
-    "save_ttt_weights",
-    "set_ttt_enabled",
-    "tiny_lm_config",
-    "tiny_mimi_config",
-    "ttt_layers",
-    "ttt_state_dict",
-]
+import importlib
+import typing as tp
+
+_FROM_MODULE = {
+    **{name: ".checkpoints" for name in ("checkpoint_info", "is_ttt_checkpoint", "lm_from_checkpoint_info",
+                                         "load_lm", "load_moshi_lm", "load_ttt_lm", "load_ttt_weights",
+                                         "save_moshi_lm", "save_ttt_lm", "save_ttt_weights", "ttt_state_dict")},
+    "TTTConfig": ".config",
+    **{name: ".convert" for name in ("apply_ttt", "document_segments", "retune_ttt", "set_ttt_enabled",
+                                     "ttt_layers")},
+    **{name: ".tiny" for name in ("build_lm", "tiny_lm_config", "tiny_mimi_config")},
+}
+__all__ = sorted(_FROM_MODULE)
+
+
+def __getattr__(name: str) -> tp.Any:
+    if name in _FROM_MODULE:
+        return getattr(importlib.import_module(_FROM_MODULE[name], __name__), name)
+    raise AttributeError(f"module 'moshi_ttt.models' has no attribute {name!r}")

@@ -218,23 +218,19 @@ def named_file(directory: Path, name: str) -> Path:
 def with_assets(moshi_config: dict[str, tp.Any], source: str | Path, *, mimi_weights: str | Path | None = None,
                 tokenizer: str | Path | None = None) -> dict[str, tp.Any]:
     """`moshi_config` pointing, by absolute path, to the Mimi weights and config and the text
-    tokenizer of `source` (or the given overrides) where those files exist, so that a model saved
-    with it finds them wherever it was trained from; the keys of missing files are dropped."""
+    tokenizer that `source` uses (or the given overrides) where those files exist, so that a model
+    saved with it finds them wherever it runs on this machine; the keys of missing files are dropped."""
     config = {k: v for k, v in moshi_config.items() if k not in ASSET_KEYS}
-    found: dict[str, Path | None] = {"mimi_name": None, "mimi_config_name": None, "tokenizer_name": None}
-    path = Path(source)
-    if path.is_dir() and (path / "config.json").is_file():
-        raw = json.loads((path / "config.json").read_text())
-        found.update({k: named_file(path, raw[k]) for k in ASSET_KEYS if k in raw})
-    elif source != "tiny":
-        info = checkpoint_info(source)
-        found.update(mimi_name=info.mimi_weights, tokenizer_name=info.tokenizer)
-    if mimi_weights is not None:
-        found["mimi_name"] = Path(mimi_weights)
-    if tokenizer is not None:
-        found["tokenizer_name"] = Path(tokenizer)
+    info = checkpoint_info(source)  # moshi's default file names where config.json names none
+    found: dict[str, Path | None] = {"mimi_name": Path(mimi_weights or info.mimi_weights),
+                                     "tokenizer_name": Path(tokenizer or info.tokenizer), "mimi_config_name": None}
+    mimi_config = (info.raw_config or {}).get("mimi_config_name")
+    if mimi_config is not None:
+        local = Path(source)
+        found["mimi_config_name"] = (named_file(local, mimi_config) if local.is_dir()
+                                     else loaders.hf_get(mimi_config, str(source)))
     # file://: moshi's own loader reads the same names as local files (not names in a repo).
-    config.update({k: "file://" + str(Path(v).resolve()) for k, v in found.items()
+    config.update({k: "file://" + str(Path(v).absolute()) for k, v in found.items()
                    if v is not None and Path(v).is_file()})
     return config
 

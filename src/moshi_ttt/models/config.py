@@ -12,8 +12,6 @@ from pathlib import Path
 
 import yaml
 
-from ..modules.targets import TARGET_INITS
-from ..ops import ALGORITHMS, check_forget
 
 X0Source = tp.Literal["input", "text", "user", "text_user", "hidden"]
 X0_SOURCES: tuple[str, ...] = tp.get_args(X0Source)
@@ -62,6 +60,8 @@ class TTTConfig:
         self.validate()
 
     def validate(self) -> None:
+        from ..modules.targets import TARGET_INITS  # here: reading a config needs no torch
+        from ..ops import ALGORITHMS, check_forget
         if self.layers is not None:
             if not isinstance(self.layers, (list, tuple)) or not self.layers:
                 raise ValueError(f"ttt.layers={self.layers!r}: expected a non-empty list of layer indices or null")

@@ -17,7 +17,6 @@ from pathlib import Path
 import yaml
 
 from ..models.config import TTTConfig
-from ..models.tiny import tiny_lm_config
 
 MODES = ("ttt", "ttt_layers", "lora", "full")
 TINY_DEFAULTS = {"context": 16}
@@ -146,6 +145,7 @@ class TrainConfig:
             raise ValueError(f"mode={self.mode!r}: expected one of {MODES}")
         if not isinstance(self.tiny, dict):
             raise ValueError(f"tiny={self.tiny!r}: expected a mapping of moshi LMModel kwargs")
+        from ..models.tiny import tiny_lm_config  # here: reading a config needs no moshi
         known = tiny_lm_config()
         unknown = sorted(set(self.tiny) - set(known))
         if unknown:
@@ -209,7 +209,7 @@ class TrainConfig:
         if model != "tiny":
             # A saved TTT model's own settings are the defaults its ttt section changes.
             saved = saved_ttt_settings(model) if isinstance(model, str) and model else None
-            data = _merged(dict(CHECKPOINT_DEFAULTS, **({"ttt": saved} if saved else {})), data)
+            data = _merged(dict(CHECKPOINT_DEFAULTS, ttt=saved or TTTConfig().to_dict()), data)
         return _build(cls, data, "")
 
     @classmethod
@@ -224,21 +224,25 @@ class TrainConfig:
         return cls.from_dict(data)
 
 
-# A checkpoint is finetuned from the library's TTT defaults and moshi-finetune's habits,
-# not from the tiny model's recipe (the defaults above).
+# A checkpoint is finetuned from moshi-finetune's habits and the library's TTT defaults
+# (TTTConfig(), or a saved TTT model's own settings: `from_dict`), not from the tiny
+# model's recipe (the defaults above).
 CHECKPOINT_DEFAULTS: dict[str, tp.Any] = {
-    "mode": "ttt_layers", "optim": {"lr": 2e-6}, "ttt": TTTConfig().to_dict(), "max_steps": 1200, "batch_size": 8,
+    "mode": "ttt_layers", "optim": {"lr": 2e-6}, "max_steps": 1200, "batch_size": 8,
     "reset_fast_weights": "document", "stream_from_step": 0, "data": {"synthetic": {"documents_per_row": 1}}}
 
 
 def saved_ttt_settings(model: str) -> dict[str, tp.Any] | None:
-    """The TTTConfig a local TTT model directory was saved with (its config.json's "ttt"), or None."""
+    """The TTTConfig a TTT model was saved with (its config.json's "ttt"), or None: for a plain
+    Moshi, or a source that cannot be read (training then says why)."""
     config_file = Path(model) / "config.json"
-    if not config_file.is_file():
-        return None
+    if not config_file.is_file() and len(Path(model).parts) == 2:  # a Hugging Face repo, if cached (no download)
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(model, "config.json")
+        config_file = Path(cached) if isinstance(cached, str) else config_file
     try:
-        saved = json.loads(config_file.read_text()).get("ttt")
-    except (ValueError, AttributeError):
+        saved = json.loads(config_file.read_text()).get("ttt") if config_file.is_file() else None
+    except (OSError, ValueError, AttributeError):
         return None
     return TTTConfig.from_dict(saved).to_dict() if isinstance(saved, dict) else None
 

@@ -24,12 +24,13 @@ class StopRequest:
         self.signum = signum
 
     def agreed(self, dist: Distributed) -> int | None:
-        """The signal to stop on, agreed by every process (so that all stop after the same step)."""
+        """The signal to stop on, agreed by every process (so that all stop after the same step):
+        the highest any of them received (SIGTERM over SIGINT)."""
+        signum = self.signum  # read once: the handler may run at any time
         if not dist.enabled:
-            return self.signum
-        seen = dist.all_reduce_sum(torch.tensor([float(self.signum or 0), float(self.signum is not None)],
-                                                device=dist.device))
-        return int(seen[0] / seen[1]) if seen[1] > 0 else None
+            return signum
+        highest = int(dist.all_reduce_max(torch.tensor([signum or 0], device=dist.device)).item())
+        return highest or None
 
 
 @contextlib.contextmanager

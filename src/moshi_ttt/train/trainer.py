@@ -178,6 +178,8 @@ def _check_baseline_model(config: TrainConfig) -> None:
 
 def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int | None) -> dict[str, tp.Any]:
     run_dir = Path(config.run_dir)
+    if not resume:  # before anything slow; every process checks, the main one clears
+        _claim_run_dir(run_dir, config.overwrite_run_dir, dist)
     torch.manual_seed(config.seed)
     lm = build_model(config, dist.device)
     layers = config.ttt.layer_indices(len(lm.transformer.layers)) if config.baseline else None
@@ -196,8 +198,6 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
     step = 0
     if resume:
         step = _resume(run_dir, config, lm, optimizer, schedule, batcher)
-    elif dist.is_main:
-        _claim_run_dir(run_dir, config.overwrite_run_dir)
     model = DistributedDataParallel(lm, find_unused_parameters=True) if dist.enabled else lm
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -217,56 +217,58 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
                     disable=not (dist.is_main and interactive))
     train_s = 0.0
     fast_layers = ttt_layers(lm)
-    stop = contextlib.ExitStack()
-    request = stop.enter_context(stop_on_signals())
-    interrupted = None
-    for step in progress:
-        start = time.perf_counter()
-        log_now = (step + 1) % config.log_freq == 0
-        for _, layer in fast_layers:
-            layer.capture = [] if log_now else None
-            layer.eta = eta_at(lm.ttt_config.eta, config.eta_warmup_steps, step)
-        metrics = _train_step(config, dist, lm, model, batcher, optimizer, streams=streams_at(config, step))
-        schedule.step()
-        metrics["lr"] = schedule.get_last_lr()[0]
-        if step < config.eta_warmup_steps and fast_layers:
-            metrics["ttt_eta"] = fast_layers[0][1].eta
-        seconds = time.perf_counter() - start
-        train_s += seconds
-        metrics["frames_per_s"] = rows_per_step * config.frames / seconds
-        metrics["train_s"] = train_s  # seconds this process spent in training steps (no evaluation)
-        losses.append(metrics["loss"])
-        progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
-                             fps=f"{metrics['frames_per_s']:.0f}")
-        metrics.update(_update_norms(fast_layers))  # from this step's batch, before any evaluation forward
-        if probe is not None and (step + 1) % config.eval_freq == 0:
-            recall = probe.measure(lm)
-            metrics.update(recall)
-            progress.write(f"step {step + 1}: held-out recall {100 * recall['recall/accuracy']:.1f}%, "
-                           f"answer CE {recall['recall/cross_entropy']:.3f}, "
-                           f"ratio {recall['recall/key_addressing_ratio']:.3g}")
-        if log_now or "recall/accuracy" in metrics:
-            metrics_log.log(step + 1, metrics)
-        if log_now and dist.is_main and not interactive:
-            print(f"step {step + 1}/{config.max_steps}: loss {metrics['loss']:.3f}, lr {metrics['lr']:.2e}, "
-                  f"{metrics['frames_per_s']:.0f} frames/s, {train_s:.0f} s", flush=True)
-        interrupted = request.agreed(dist)
-        if (step + 1) % config.ckpt_freq == 0 or step + 1 == last_step or interrupted:
-            if dist.is_main:
-                state = {"step": step + 1, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                         "rng": rng_state(), "data": batcher.state_dict()}
-                save_checkpoint(run_dir, step + 1, lm, state, config.to_yaml(), config.keep_last)
-            dist.barrier()
-        if interrupted:
-            progress.close()
-            break
-    stop.close()
+    interrupted, last_saved, done = None, None, step
+    with stop_on_signals() as request:
+        for step in progress:
+            start = time.perf_counter()
+            log_now = (step + 1) % config.log_freq == 0
+            for _, layer in fast_layers:
+                layer.capture = [] if log_now else None
+                layer.eta = eta_at(lm.ttt_config.eta, config.eta_warmup_steps, step)
+            metrics = _train_step(config, dist, lm, model, batcher, optimizer, streams=streams_at(config, step))
+            done = step + 1
+            schedule.step()
+            metrics["lr"] = schedule.get_last_lr()[0]
+            if step < config.eta_warmup_steps and fast_layers:
+                metrics["ttt_eta"] = fast_layers[0][1].eta
+            seconds = time.perf_counter() - start
+            train_s += seconds
+            metrics["frames_per_s"] = rows_per_step * config.frames / seconds
+            metrics["train_s"] = train_s  # seconds this process spent in training steps (no evaluation)
+            losses.append(metrics["loss"])
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
+                                 fps=f"{metrics['frames_per_s']:.0f}")
+            metrics.update(_update_norms(fast_layers))  # from this step's batch, before any evaluation forward
+            interrupted = request.agreed(dist)  # before the evaluation: torchrun kills 30 s after a signal
+            if probe is not None and (step + 1) % config.eval_freq == 0 and not interrupted:
+                recall = probe.measure(lm)
+                metrics.update(recall)
+                progress.write(f"step {step + 1}: held-out recall {100 * recall['recall/accuracy']:.1f}%, "
+                               f"answer CE {recall['recall/cross_entropy']:.3f}, "
+                               f"ratio {recall['recall/key_addressing_ratio']:.3g}")
+            if log_now or "recall/accuracy" in metrics:
+                metrics_log.log(step + 1, metrics)
+            if log_now and dist.is_main and not interactive:
+                print(f"step {step + 1}/{config.max_steps}: loss {metrics['loss']:.3f}, lr {metrics['lr']:.2e}, "
+                      f"{metrics['frames_per_s']:.0f} frames/s, {train_s:.0f} s", flush=True)
+            if (step + 1) % config.ckpt_freq == 0 or step + 1 == last_step or interrupted:
+                if dist.is_main:
+                    state = {"step": step + 1, "optimizer": optimizer.state_dict(),
+                             "schedule": schedule.state_dict(), "rng": rng_state(), "data": batcher.state_dict()}
+                    last_saved = save_checkpoint(run_dir, step + 1, lm, state, config.to_yaml(), config.keep_last)
+                dist.barrier()
+            if interrupted:
+                progress.close()
+                break
+        # A signal during the last step's save: the run ends there, its checkpoint written.
+        interrupted = interrupted or request.agreed(dist)
     metrics_log.close()
     if interrupted:
         name = signal.Signals(interrupted).name
         if dist.is_main:
-            print(f"{name}: stopped after step {step + 1} of {config.max_steps}; checkpoint written to "
-                  f"{list_checkpoints(run_dir)[-1]}. Continue with the same command and --resume.", flush=True)
+            saved = last_saved or list_checkpoints(run_dir)[-1]
+            print(f"{name}: stopped after step {done} of {config.max_steps}; checkpoint written to "
+                  f"{saved}. Continue with the same command and --resume.", flush=True)
         raise SystemExit(128 + interrupted)
     if dist.is_main:
         from .plots import plot_losses
@@ -348,21 +350,24 @@ def _update_norms(fast_layers: list) -> dict[str, float]:
 RESUMABLE_CHANGES = ("run_dir", "device", "log_freq", "ckpt_freq", "keep_last", "overwrite_run_dir")
 
 
-def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """A new run starts in an empty run_dir (moshi-finetune's rule); overwrite_run_dir empties it first."""
-    if not run_dir.exists():
-        return
-    if not run_dir.is_dir():
+def _claim_run_dir(run_dir: Path, overwrite: bool, dist: Distributed) -> None:
+    """A new run starts in an empty run_dir (moshi-finetune's rule); overwrite_run_dir empties one
+    that holds a run (its config.yaml or checkpoints/), never another directory."""
+    held = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run_dir={str(run_dir)!r} is a file, not a directory")
-    held = sorted(p.name for p in run_dir.iterdir())
-    if not held:
-        return
-    if not overwrite:
-        raise ValueError(f"run_dir={str(run_dir)!r} already holds a run ({', '.join(held[:4])}"
-                         f"{', ...' if len(held) > 4 else ''}): continue it with --resume, give another run_dir, "
-                         "or set overwrite_run_dir: true to replace it")
-    print(f"overwrite_run_dir: removing the previous run in {run_dir}")
-    shutil.rmtree(run_dir)
+    if held:
+        listed = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        if not overwrite:
+            raise ValueError(f"run_dir={str(run_dir)!r} already holds a run ({listed}): continue it with --resume, "
+                             "give another run_dir, or set overwrite_run_dir: true to replace it")
+        if not {"config.yaml", "checkpoints"} & set(held):
+            raise ValueError(f"overwrite_run_dir: run_dir={str(run_dir)!r} holds {listed} but no run (no config.yaml "
+                             "or checkpoints/): it is not removed; give an empty or new run_dir")
+        if dist.is_main:
+            print(f"overwrite_run_dir: removing the previous run in {run_dir}")
+            shutil.rmtree(run_dir)
+    dist.barrier()
 
 
 def _resume(run_dir: Path, config: TrainConfig, lm: LMModel, optimizer, schedule, batcher: SequenceBatcher) -> int:
