@@ -2,7 +2,6 @@
 
 import asyncio
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -12,10 +11,8 @@ import aiohttp
 import numpy as np
 import pytest
 import sphn
-import torch
 
 from assets import write_plain_checkpoint
-from moshi_ttt import TTTConfig, load_ttt_lm, save_ttt_lm
 
 SAMPLE_RATE = 24000
 
@@ -58,19 +55,23 @@ async def converse(port: int, seconds: float, n_audio: int) -> list[bytes]:
 
 @pytest.fixture
 def ttt_model_dir(tmp_path):
+    """The final/ of a one-step training run from a plain checkpoint with Mimi and a tokenizer."""
+    from moshi_ttt.train import TrainConfig, train
     plain = write_plain_checkpoint(tmp_path / "plain", with_assets=True, lm_gen_config={"use_sampling": False})
-    ttt = TTTConfig(every=2, chunk_size=4, init="normal", init_std=0.2, eta=0.2)
-    save_ttt_lm(load_ttt_lm(plain, ttt, dtype=torch.float32), tmp_path / "ttt")
-    for name in ("mimi.safetensors", "mimi_config.json", "tokenizer.model"):
-        shutil.copy(plain / name, tmp_path / "ttt" / name)
-    return tmp_path / "ttt"
+    train(TrainConfig.from_dict({
+        "model": str(plain), "mode": "ttt", "max_steps": 1, "ckpt_freq": 1, "batch_size": 1, "seq_frames": 16,
+        "do_eval": False, "run_dir": str(tmp_path / "run"),
+        "ttt": {"every": 2, "chunk_size": 4, "init": "normal", "init_std": 0.2, "eta": 0.2},
+        "data": {"synthetic": {"num_documents": 2, "frames": 16, "pairs": 1, "spacing": 4}}}))
+    return tmp_path / "run" / "final"
 
 
 def test_server_answers_and_each_connection_starts_fresh(ttt_model_dir):
+    """On a trained final/ as it is, with no flags: the CPU, and no web client offline."""
     port = free_port()
-    env = dict(os.environ, NO_TORCH_COMPILE="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, NO_TORCH_COMPILE="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     command = [sys.executable, "-m", "moshi_ttt.cli", "serve", "--model", str(ttt_model_dir),
-               "--device", "cpu", "--static", "none", "--host", "127.0.0.1", "--port", str(port)]
+               "--host", "127.0.0.1", "--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_port(port, process)
