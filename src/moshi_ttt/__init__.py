@@ -4,9 +4,9 @@ The names below load on first use, so that `moshi-ttt --help` answers without im
 torch and moshi.
 """
 
-import importlib
 import os
-import typing as tp
+
+from .utils.lazy import lazy_names
 
 if not os.path.exists("/dev/nvidiactl") or os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
     # No NVIDIA GPU (or none visible): moshi compiles its gating kernel lazily, which on a CPU
@@ -22,8 +22,4 @@ _FROM_MODULE = {
 __all__ = sorted(_FROM_MODULE)
 __version__ = "0.1.0"
 
-
-def __getattr__(name: str) -> tp.Any:
-    if name in _FROM_MODULE:
-        return getattr(importlib.import_module(_FROM_MODULE[name], __name__), name)
-    raise AttributeError(f"module 'moshi_ttt' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _FROM_MODULE)

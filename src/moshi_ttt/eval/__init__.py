@@ -4,8 +4,7 @@ a report.
 The names below load on first use, so that `moshi-ttt eval --help` answers without torch.
 """
 
-import importlib
-import typing as tp
+from ..utils.lazy import lazy_names
 
 _FROM_MODULE = {
     **{name: ".benchmarks" for name in ("audio_log_likelihoods", "score_pairs", "storycloze_pairs",
@@ -15,8 +14,4 @@ _FROM_MODULE = {
 }
 __all__ = sorted(_FROM_MODULE)
 
-
-def __getattr__(name: str) -> tp.Any:
-    if name in _FROM_MODULE:
-        return getattr(importlib.import_module(_FROM_MODULE[name], __name__), name)
-    raise AttributeError(f"module 'moshi_ttt.eval' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _FROM_MODULE)

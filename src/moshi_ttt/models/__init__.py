@@ -4,8 +4,7 @@ The names below load on first use: reading a `TTTConfig` (and the `--help` of th
 commands that only parse one) needs no torch.
 """
 
-import importlib
-import typing as tp
+from ..utils.lazy import lazy_names
 
 _FROM_MODULE = {
     **{name: ".checkpoints" for name in ("checkpoint_info", "is_ttt_checkpoint", "lm_from_checkpoint_info",
@@ -18,8 +17,4 @@ _FROM_MODULE = {
 }
 __all__ = sorted(_FROM_MODULE)
 
-
-def __getattr__(name: str) -> tp.Any:
-    if name in _FROM_MODULE:
-        return getattr(importlib.import_module(_FROM_MODULE[name], __name__), name)
-    raise AttributeError(f"module 'moshi_ttt.models' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _FROM_MODULE)
