@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from moshi.modules.streaming import State
 
-from ..ops import clip_scales, compute_dtype, future_conv_partial_rows
+from ..ops import chunk_decay, clip_scales, compute_dtype, future_conv_partial_rows
 from ..ops.matmul import bmm_acc, operand_dtype
 from ..ops.step_kernels import kernels_enabled, token_step
 
@@ -148,9 +148,9 @@ class FastWeightState(State):
         if self.forget == 1.0:
             self.delta.add_(bmm_acc(v_clipped.transpose(1, 2), z, self.op) * run)
         else:  # delta <- lambda^n delta + sum_j lambda^(n-1-j) U_j over the n chunks
-            C, n = self.chunk_size, z.shape[1] // self.chunk_size
-            ages = (n - 1 - torch.arange(z.shape[1], device=z.device) // C).to(torch.float64)
-            weights = (self.forget ** ages).to(compute_dtype(v_clipped.dtype))
+            n = z.shape[1] // self.chunk_size
+            weights = chunk_decay(self.forget, self.chunk_size, z.shape[1]).flip(0)  # lambda^(n-1-j)
+            weights = weights.to(z.device, compute_dtype(v_clipped.dtype))
             updates = bmm_acc((v_clipped * weights[None, :, None]).transpose(1, 2), z, self.op)
             decayed = self.delta * self.forget ** n + updates
             self.delta.copy_(torch.where(run, decayed, self.delta))

@@ -1,6 +1,7 @@
 """Stateless tensor math of In-Place TTT (kernels); the modules compose these."""
 
 from .chunking import (
+    chunk_decay,
     chunk_delta_sq_norms,
     clip_scales,
     expand_chunk_values,
@@ -16,6 +17,7 @@ __all__ = [
     "add_fast_weight_term_",
     "add_inplace_ttt_",
     "block_size_for",
+    "chunk_decay",
     "check_forget",
     "chunk_delta_sq_norms",
     "chunked_future_conv",

@@ -51,3 +51,10 @@ def clip_scales(sq_norms: torch.Tensor, eta: float, tau: float | None) -> torch.
 def expand_chunk_values(per_chunk: torch.Tensor, chunk_size: int, length: int) -> torch.Tensor:
     """[B, n_chunks] -> [B, length, 1]: each position gets its chunk's value."""
     return per_chunk.repeat_interleave(chunk_size, dim=1)[:, :length, None]
+
+
+def chunk_decay(forget: float, chunk_size: int, length: int) -> torch.Tensor:
+    """[length] float64 (on the CPU): forget^i at the positions of chunk i, the weight of the
+    forgetting factor after i chunks."""
+    chunks = torch.arange(length, dtype=torch.float64) // chunk_size
+    return torch.tensor(forget, dtype=torch.float64) ** chunks

@@ -12,7 +12,7 @@ import typing as tp
 
 import torch
 
-from .chunking import chunk_delta_sq_norms, clip_scales, expand_chunk_values
+from .chunking import chunk_decay, chunk_delta_sq_norms, clip_scales, expand_chunk_values
 from .matmul import bmm_acc, compute_dtype, operand_dtype
 from .scan import add_fast_weight_term_, ttt_down_projection
 
@@ -110,12 +110,6 @@ def add_inplace_ttt_(
     if initial_delta is not None:
         carried = bmm_acc(z, initial_delta.transpose(1, 2), operand_dtype(z.dtype, z.device))
         if forget != 1.0:
-            carried.mul_(chunk_powers(forget, chunk_size, z.shape[1], carried))
+            carried.mul_(chunk_decay(forget, chunk_size, z.shape[1]).to(carried.device, carried.dtype)[None, :, None])
         out.add_(carried, alpha=eta)
     return out
-
-
-def chunk_powers(forget: float, chunk_size: int, length: int, like: torch.Tensor) -> torch.Tensor:
-    """[1, length, 1]: forget^i at the positions of chunk i, in like's dtype and device."""
-    chunks = torch.arange(length, dtype=torch.float64) // chunk_size
-    return (forget ** chunks).to(like.device, like.dtype)[None, :, None]

@@ -32,7 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .chunking import chunk_delta_sq_norms, chunk_grams, clip_scales, expand_chunk_values
+from .chunking import chunk_decay, chunk_delta_sq_norms, chunk_grams, clip_scales, expand_chunk_values
 from .dual import block_score_grads, block_scores, dual_backward_chunk, dual_forward_chunk
 from .matmul import baddbmm_acc_, bmm_acc, compute_dtype, linear_dtype, operand_dtype, without_autocast
 
@@ -75,30 +75,30 @@ class _Clip:
 
 
 class _Forget:
-    """The forgetting factor's weights inside a block that starts at chunk b0.
+    """The forgetting factor's weights inside a block, chunks counted from the block's first.
 
     Chunk i reads the update of chunk j < i (same block) with weight lambda^(i-1-j)
-    = read(i) write(j), read(i) = lambda^(i-b0) and write(j) = lambda^(b0-j-1); it reads
-    the state S_b0 with read(i). The state after a block of n chunks is
-    lambda^n (S_b0 + sum_j write(j) U_j). write() grows to lambda^-n: `max_block` keeps
-    it within float32's range.
+    = read(i) write(j), read(i) = lambda^i and write(j) = lambda^(-j-1); it reads the
+    state S_0 the block starts from with read(i). The state after a block of n chunks is
+    lambda^n (S_0 + sum_j write(j) U_j). write() grows to lambda^-n: `max_block` keeps it
+    within float32's range.
     """
 
     def __init__(self, forget: float, chunk_size: int):
         self.forget, self.chunk_size = forget, chunk_size
 
-    def _powers(self, start: int, end: int, block_start: int, sign: int, shift: int) -> torch.Tensor:
-        C = self.chunk_size
-        chunks = torch.arange(start, end) // C - block_start // C
-        return torch.tensor(self.forget, dtype=torch.float64).pow(sign * chunks + shift)[None]
+    def read(self, start: int, end: int, like: torch.Tensor) -> torch.Tensor:
+        """[1, end - start]: read() of each position of the block [start, end), in like's compute dtype."""
+        return chunk_decay(self.forget, self.chunk_size, end - start).to(like.device, compute_dtype(like.dtype))[None]
 
-    def read(self, start: int, end: int, block_start: int, like: torch.Tensor) -> torch.Tensor:
-        """[1, end - start]: read() of each position in [start, end), in like's compute dtype."""
-        return self._powers(start, end, block_start, 1, 0).to(like.device, compute_dtype(like.dtype))
+    def write(self, start: int, end: int, like: torch.Tensor) -> torch.Tensor:
+        """[1, end - start]: write() of each position of the block [start, end), in like's compute dtype."""
+        decay = chunk_decay(self.forget, self.chunk_size, end - start)
+        return (1 / (self.forget * decay)).to(like.device, compute_dtype(like.dtype))[None]
 
-    def write(self, start: int, end: int, block_start: int, like: torch.Tensor) -> torch.Tensor:
-        """[1, end - start]: write() of each position in [start, end), in like's compute dtype."""
-        return self._powers(start, end, block_start, -1, -1).to(like.device, compute_dtype(like.dtype))
+    def read_chunk(self, q: int, start: int) -> float:
+        """read() of the chunk at position q of a block starting at `start`."""
+        return self.forget ** ((q - start) // self.chunk_size)
 
     def span(self, start: int, end: int) -> float:
         """lambda^n for the n chunks of [start, end)."""
@@ -114,15 +114,27 @@ def max_block(forget: float, chunk_size: int, dtype: torch.dtype = torch.float32
     return chunk_size * max(1, int(bits * math.log(2) / -math.log(forget)))
 
 
-def _key_scales(clip: _Clip | None, forget: _Forget | None, start: int, end: int, block_start: int,
+def _key_scales(clip: _Clip | None, forget: _Forget | None, start: int, end: int,
                 like: torch.Tensor) -> torch.Tensor | None:
-    """[B or 1, end - start]: the factors of the targets in [start, end) as keys of the dual form
-    and as updates of the state (the clip's times write()), None when there are none."""
+    """[B or 1, end - start]: the factors of the targets of the block [start, end) as keys of the
+    dual form and as updates of the state (the clip's times write()), None when there are none."""
     scales = None if clip is None else clip.positions(start, end)
     if forget is not None:
-        write = forget.write(start, end, block_start, like)
+        write = forget.write(start, end, like)
         scales = write if scales is None else scales * write
     return scales
+
+
+def _read(forget: _Forget | None, q: int, start: int) -> float:
+    return 1.0 if forget is None else forget.read_chunk(q, start)
+
+
+def _advance_state(state, z, v, scales, forget, start, end, op) -> torch.Tensor:
+    """The state after the block [start, end): lambda^n (state + sum_j write(j) c_j V_j^T Z_j)."""
+    state = _add_update(state, z[:, start:end], _scaled(v, scales, start, end), op)
+    if forget is not None:
+        state.mul_(forget.span(start, end))
+    return state
 
 
 def _scaled(v: torch.Tensor, scales: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
@@ -145,7 +157,7 @@ def _add_fast_term_(out, z, v, clip, forget, eta, chunk_size, block_size, op, ke
             state_t = state.to(op).transpose(1, 2)
         scores = block_scores(B, end - start, chunk_size, z.device, op) if keep_scores else None
         saved.append(scores)
-        key_scales = _key_scales(clip, forget, start, end, start, out)
+        key_scales = _key_scales(clip, forget, start, end, out)
         for q, q_end in _chunks(start, end, chunk_size):
             if state_t is None and q == start:
                 continue  # the first chunk reads nothing
@@ -153,12 +165,9 @@ def _add_fast_term_(out, z, v, clip, forget, eta, chunk_size, block_size, op, ke
             acc = dual_forward_chunk(acc, z[:, q:q_end], z[:, start:q], v[:, start:q], op,
                                      None if key_scales is None else key_scales[:, :q - start],
                                      None if scores is None else scores[:, q - start:q_end - start, :q - start])
-            read = 1.0 if forget is None else forget.forget ** ((q - start) // chunk_size)
-            out[:, q:q_end].add_(acc, alpha=eta * read)
+            out[:, q:q_end].add_(acc, alpha=eta * _read(forget, q, start))
         if end < T:
-            state = _add_update(state, z[:, start:end], _scaled(v, key_scales, start, end), op)
-            if forget is not None:
-                state.mul_(forget.span(start, end))
+            state = _advance_state(state, z, v, key_scales, forget, start, end, op)
     return saved
 
 
@@ -183,13 +192,9 @@ def _fast_term_backward(dout, z, v, saved_scores, clip, forget, eta, chunk_size,
             state_op = None  # as above: one copy at a time
             state_op = state.to(op)
             for q, q_end in _chunks(start, end, chunk_size):
-                read = 1.0 if forget is None else forget.forget ** ((q - start) // chunk_size)
-                dz[:, q:q_end] = bmm_acc(dout[:, q:q_end].to(op) * (eta * read), state_op, op)
+                dz[:, q:q_end] = bmm_acc(dout[:, q:q_end].to(op) * (eta * _read(forget, q, start)), state_op, op)
         if end < T:
-            state = _add_update(state, z[:, start:end],
-                                _scaled(v, _key_scales(clip, forget, start, end, start, dout), start, end), op)
-            if forget is not None:
-                state.mul_(forget.span(start, end))
+            state = _advance_state(state, z, v, _key_scales(clip, forget, start, end, dout), forget, start, end, op)
     del state, state_op
 
     # Pass 2, reverse order: the dual form inside each block, and P (d x h, float32),
@@ -203,7 +208,7 @@ def _fast_term_backward(dout, z, v, saved_scores, clip, forget, eta, chunk_size,
         if forget is None:
             dy = dout[:, start:end].to(op) * eta
         else:  # dY read(i) for the rows of the block, in the operand dtype
-            read = forget.read(start, end, start, dout)[..., None]
+            read = forget.read(start, end, dout)[..., None]
             dy = (dout[:, start:end] * (eta * read)).to(op)
         grad_op = None  # the last block's copy goes before this one's is made
         if grad_sum is not None:
@@ -211,7 +216,7 @@ def _fast_term_backward(dout, z, v, saved_scores, clip, forget, eta, chunk_size,
                 grad_sum.mul_(forget.span(start, end))
             grad_op = grad_sum.to(op)
         zb, vb = z[:, start:end], v[:, start:end]
-        scales = _key_scales(clip, forget, start, end, start, dout)
+        scales = _key_scales(clip, forget, start, end, dout)
         score_grads = None if scores is None else block_score_grads(vb, dy, chunk_size, op, scales)
         for q, q_end in _chunks(start, end, chunk_size):
             dz_q, dv_q = dual_backward_chunk(zb, vb, dy, q - start, q_end - start, op, scales, scores, score_grads)
@@ -224,7 +229,7 @@ def _fast_term_backward(dout, z, v, saved_scores, clip, forget, eta, chunk_size,
             if start > 0:
                 dz_q.add_(dz[:, q:q_end])  # the state term of pass 1
             if forget is not None:  # dv_q so far is the gradient of the rows c write V_q
-                dv_q.mul_(forget.forget ** (-((q - start) // chunk_size) - 1))
+                dv_q.mul_(1 / (forget.forget * forget.read_chunk(q, start)))
             if clip is not None:  # dv_q so far is the gradient of the clipped rows c V_q
                 grad_scale = (dv_q * v[:, q:q_end]).sum((1, 2))
                 dv_q.mul_(clip.chunk(q))

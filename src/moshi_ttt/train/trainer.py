@@ -455,18 +455,23 @@ class RecallProbe:
         from ..eval.recall import synthetic_recall_set, verdict, write_recall
         recall_set = synthetic_recall_set(lm, documents=self.FINAL_SCALE * self.config.eval_documents,
                                           **self.settings)
-        name = "baseline trained without TTT" if self.config.baseline else "TTT"
-        results = {name: self._summary(lm, recall_set)}
-        if ttt_layers(lm):
-            set_ttt_enabled(lm, False)
-            try:
-                results["same weights, TTT off (diagnostic)"] = self._summary(lm, recall_set)
-            finally:
-                set_ttt_enabled(lm, True)
+        results = self._with_ttt_off(lm, lambda: self._summary(lm, recall_set))
         write_recall(results, out)
         print(verdict(results, f"held-out recall, {recall_set.num_questions} questions "
                                f"({recall_set.name}, spacing {self.settings['spacing']}):"))
         print(f"recall written to {out}")
+        return results
+
+    def _with_ttt_off(self, lm: LMModel, score: tp.Callable[[], dict[str, tp.Any]]) -> dict[str, dict[str, tp.Any]]:
+        """{model: score()} for the trained model and, for TTT, the same weights with TTT off."""
+        name = "baseline trained without TTT" if self.config.baseline else "TTT"
+        results = {name: score()}
+        if ttt_layers(lm):
+            set_ttt_enabled(lm, False)
+            try:
+                results["same weights, TTT off (diagnostic)"] = score()
+            finally:
+                set_ttt_enabled(lm, True)
         return results
 
     STREAMS = 4
@@ -479,14 +484,7 @@ class RecallProbe:
         n = self.config.eval_stream_documents
         streams = stream_documents(synthetic_recall_set(lm, documents=self.STREAMS * n, **self.settings), n)
         window = self.reach["context"] or self.config.ttt.chunk_size
-        name = "baseline trained without TTT" if self.config.baseline else "TTT"
-        results = {name: stream_recall(lm, streams, window)}
-        if ttt_layers(lm):
-            set_ttt_enabled(lm, False)
-            try:
-                results["same weights, TTT off (diagnostic)"] = stream_recall(lm, streams, window)
-            finally:
-                set_ttt_enabled(lm, True)
+        results = self._with_ttt_off(lm, lambda: stream_recall(lm, streams, window))
         write_stream_recall(results, out)
         print(stream_verdict(results))
         return results
