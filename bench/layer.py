@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, markdown_table, peak_memory_gib, time_ms, write_results  # noqa: E402
 
 from moshi_ttt import InPlaceTTTGating  # noqa: E402
-from moshi_ttt.ops import block_size_for, pad_to_chunks  # noqa: E402
+from moshi_ttt.ops import block_size_for  # noqa: E402
+from moshi_ttt.ops.common import pad_to_chunks  # noqa: E402
 
 SIZES = {
     "moshi": dict(dim=4096, dim_feedforward=int(4.125 * 4096), chunk=512, lengths=[3072, 12288, 49152],

@@ -12,35 +12,27 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 
 from moshi_ttt import InPlaceTTTGating  # noqa: E402
+from moshi_ttt.ops.inplace import KEPT_SCORES  # noqa: E402
 
 
 @pytest.fixture
 def make_layer():
     """A small float64 TTT layer with random target weights, seeded; scan blocks of two
-    chunks or so (8 positions), so the scan mixes its state with the dual form."""
+    chunks or so (8 positions), so the scan mixes its state with the dual form. At test
+    sizes a 2048-position span of the target conv would hold the whole sequence: spans of 8."""
     def make(dim=8, hidden=12, chunk_size=4, eta=0.5, kernel_size=2, kernel_past=0, clip_tau=None,
              init="normal", init_std=0.3, algorithm="auto", scan_block=8, forget=1.0, seed=0,
-             dtype=torch.float64):
+             dtype=torch.float64, kept_scores=KEPT_SCORES, conv_span=8):
         torch.manual_seed(seed)
         layer = InPlaceTTTGating(dim, hidden, F.silu, chunk_size=chunk_size, eta=eta, kernel_size=kernel_size,
                                  kernel_past=kernel_past, clip_tau=clip_tau, init=init,
                                  init_std=init_std, algorithm=algorithm, scan_block=scan_block, forget=forget,
-                                 dtype=dtype)
+                                 kept_scores=kept_scores, conv_span=conv_span, dtype=dtype)
         return layer.eval()
     return make
 
 
-@pytest.fixture(autouse=True)
-def small_conv_spans(monkeypatch):
-    """At test sizes a 2048-position span of the target conv would hold the whole sequence: use 8."""
-    from moshi_ttt.ops import target_conv
-    monkeypatch.setattr(target_conv, "SPAN", 8)
-
-
 @pytest.fixture(params=["kept", "recomputed"])
-def scores_kept_or_recomputed(request, monkeypatch):
-    """Run a test with the dual form's scores kept from the forward, and recomputed."""
-    from moshi_ttt.ops import dual
-    if request.param == "recomputed":
-        monkeypatch.setattr(dual, "KEPT_SCORES", 0)
-    return request.param
+def scores_kept_or_recomputed(request):
+    """A test's `kept_scores`: the dual form's scores kept from the forward (the default), and recomputed (0)."""
+    return KEPT_SCORES if request.param == "kept" else 0

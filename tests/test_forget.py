@@ -104,7 +104,7 @@ def test_exec_mask_freezes_a_sample(make_layer):
 
 def test_gradcheck_with_blocks_capped_by_a_strong_forgetting_factor(make_layer):
     """forget 1e-6 caps dual blocks at 3 chunks (write() <= 2^64): the capped scan's backward too."""
-    from moshi_ttt.ops.scan import max_block
+    from moshi_ttt.ops.inplace.scan import max_block
     assert max_block(1e-6, 3) == 9
     layer = make_layer(dim=4, hidden=6, chunk_size=3, algorithm="dual", forget=1e-6, eta=2.0)
     x, x0 = random_inputs(2, 14, 4)
@@ -135,8 +135,8 @@ def test_packed_documents_forget_on_their_own(make_layer, algorithm):
 
 
 def test_gradients_through_the_lora_path(make_layer):
-    """add_inplace_ttt_ (the path of a LoRA-wrapped slow weight) gives the same gradients."""
-    from moshi_ttt.ops import add_inplace_ttt_, inplace_ttt_down
+    """inplace_ttt_add_ (the path of a LoRA-wrapped slow weight) gives the same gradients."""
+    from moshi_ttt.ops import inplace_ttt_add_, inplace_ttt_down
     z, v = random_inputs(2, 5 * C + 1, 6)
     weight = torch.randn(6, 6, dtype=torch.float64, requires_grad=True)
     grads = []
@@ -145,7 +145,7 @@ def test_gradients_through_the_lora_path(make_layer):
         if fn == "down":
             out = inplace_ttt_down(zz, vv, weight, C, 0.5, algorithm="scan", scan_block=8, forget=FORGET)
         else:
-            out = add_inplace_ttt_(zz @ weight.T, zz, vv, C, 0.5, algorithm="scan", scan_block=8, forget=FORGET)
+            out = inplace_ttt_add_(zz, vv, zz @ weight.T, C, 0.5, algorithm="scan", scan_block=8, forget=FORGET)
         grads.append(torch.autograd.grad(out.square().sum(), (zz, vv, weight)))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -194,8 +194,8 @@ def outputs_without_forget() -> dict[str, torch.Tensor]:
     float32. tests/data/before_forget.npz holds this at commit f5dc75e, before the option existed:
     from a checkout of it, `PYTHONPATH=src:tests python -c "import numpy, test_forget;
     numpy.savez_compressed('before_forget.npz', **{k: v.numpy() for k, v in
-    test_forget.outputs_without_forget().items()})"` (with target_conv.SPAN = 8, as the test
-    fixture sets it) writes it again."""
+    test_forget.outputs_without_forget().items()})"` (with target_conv.SPAN = 8 there, the
+    conv_span below) writes it again."""
     got = {}
     for dtype in (torch.float64, torch.float32):
         for algorithm, block in (("dual", 8), ("scan", 8), ("scan", 4)):
@@ -203,7 +203,7 @@ def outputs_without_forget() -> dict[str, torch.Tensor]:
                 torch.manual_seed(0)
                 layer = InPlaceTTTGating(8, 12, F.silu, chunk_size=4, eta=0.5, kernel_size=3, clip_tau=clip,
                                          init="normal", init_std=0.3, algorithm=algorithm, scan_block=block,
-                                         dtype=dtype).train()
+                                         conv_span=8, dtype=dtype).train()
                 x, x0 = random_inputs(2, 19, 8, dtype=dtype)
                 x.requires_grad_(True)
                 y = layer(x, x0)
@@ -228,11 +228,11 @@ def test_without_forgetting_everything_is_bit_identical_to_before():
 
 
 def test_the_lora_path_without_forgetting_is_the_plain_one():
-    """add_inplace_ttt_ onto a slow output (the LoRA path) with forget 1 runs the code the
+    """inplace_ttt_add_ onto a slow output (the LoRA path) with forget 1 runs the code the
     saved outputs above cover: it equals the down-projection's term bit for bit."""
-    from moshi_ttt.ops import add_inplace_ttt_, inplace_ttt_down
+    from moshi_ttt.ops import inplace_ttt_add_, inplace_ttt_down
     z, v = random_inputs(2, 19, 8)
     weight = torch.randn(8, 8, dtype=torch.float64)
     down = inplace_ttt_down(z, v, weight, 4, 0.5, algorithm="scan", scan_block=8)
-    added = add_inplace_ttt_(z @ weight.T, z, v, 4, 0.5, algorithm="scan", scan_block=8, forget=1.0)
+    added = inplace_ttt_add_(z, v, z @ weight.T, 4, 0.5, algorithm="scan", scan_block=8, forget=1.0)
     torch.testing.assert_close(added, down, rtol=1e-14, atol=1e-14)

@@ -38,6 +38,7 @@ def test_bf16_matches_reference(clip_tau, algorithm, forget):
 def test_bf16_gradients_match_float64(algorithm, scores_kept_or_recomputed):
     """bf16 operands with float32 sums: gradients within bf16 distance of float64 ones."""
     layer = cuda_layer(torch.bfloat16, algorithm=algorithm).train()
+    layer.kept_scores = scores_kept_or_recomputed
     x, x0 = (t.to("cuda", torch.bfloat16) for t in random_inputs(2, 4 * 16 + 5, 64))
     grads = []
     for dtype in (torch.bfloat16, torch.float64):

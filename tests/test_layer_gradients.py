@@ -16,7 +16,7 @@ C = 3
 @pytest.mark.parametrize("forget", [1.0, 0.6])
 def test_gradcheck_every_parameter(make_layer, clip_tau, length, algorithm, forget, scores_kept_or_recomputed):
     layer = make_layer(dim=4, hidden=6, chunk_size=C, kernel_size=2, clip_tau=clip_tau, algorithm=algorithm,
-                       forget=forget)
+                       forget=forget, kept_scores=scores_kept_or_recomputed)
     x, x0 = random_inputs(2, length, 4)
     names = [n for n, _ in layer.named_parameters()]
     assert names == ["linear_in.weight", "linear_out.weight", "ttt_target.conv", "ttt_target.proj.weight"]
@@ -69,21 +69,22 @@ def test_no_warning_for_eval_or_longer_sequences(make_layer, recwarn):
 @pytest.mark.parametrize("block_chunks", [1, 2, 10])
 @pytest.mark.parametrize("clip_tau", [None, 0.5])
 def test_gradcheck_fast_weight_ops(block_chunks, clip_tau, scores_kept_or_recomputed):
-    from moshi_ttt.ops import add_fast_weight_term_, ttt_down_projection
+    from moshi_ttt.ops.inplace import scan_add_, scan_down
     g = torch.Generator().manual_seed(0)
     out = torch.randn(2, 4 * C + 2, 4, dtype=torch.float64, generator=g, requires_grad=True)
     z = torch.randn(2, 4 * C + 2, 5, dtype=torch.float64, generator=g, requires_grad=True)
     v = torch.randn(2, 4 * C + 2, 4, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    args = (0.7, C, block_chunks * C, clip_tau)
-    assert torch.autograd.gradcheck(lambda out, z, v: add_fast_weight_term_(out.clone(), z, v, *args), (out, z, v))
-    assert torch.autograd.gradcheck(lambda z, v, w: ttt_down_projection(z, v, w, *args), (z, v, w))
+    args = (C, 0.7, clip_tau)
+    form = dict(block_size=block_chunks * C, kept_scores=scores_kept_or_recomputed)
+    assert torch.autograd.gradcheck(lambda out, z, v: scan_add_(z, v, out.clone(), *args, **form), (out, z, v))
+    assert torch.autograd.gradcheck(lambda z, v, w: scan_down(z, v, w, *args, **form), (z, v, w))
     frozen = w.detach()  # no weight gradient: the backward skips its sum
-    assert torch.autograd.gradcheck(lambda z, v: ttt_down_projection(z, v, frozen, *args), (z, v))
-    fused = ttt_down_projection(z, v, w, *args)
-    torch.testing.assert_close(fused, add_fast_weight_term_(z @ w.T, z, v, *args))
+    assert torch.autograd.gradcheck(lambda z, v: scan_down(z, v, frozen, *args, **form), (z, v))
+    fused = scan_down(z, v, w, *args, **form)
+    torch.testing.assert_close(fused, scan_add_(z, v, z @ w.T, *args, **form))
     if clip_tau is not None:  # the clip binds: the term differs from the unclipped one
-        assert not torch.allclose(fused, ttt_down_projection(z, v, w, 0.7, C, block_chunks * C))
+        assert not torch.allclose(fused, scan_down(z, v, w, C, 0.7, **form))
 
 
 @pytest.mark.parametrize("algorithm", ["dual", "scan"])

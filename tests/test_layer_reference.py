@@ -124,7 +124,7 @@ def test_auto_picks_dual_for_short_and_scan_for_long():
 @pytest.mark.parametrize("block_chunks", [1, 2, 3, 100])
 def test_fast_weight_term_is_exact_for_any_block(make_layer, block_chunks):
     """One chunk per block (pure scan) to one block for everything (pure dual)."""
-    from moshi_ttt.ops import add_fast_weight_term_
+    from moshi_ttt.ops.inplace import scan_add_
     torch.manual_seed(0)
     z = torch.randn(2, 7 * C + 1, 6, dtype=torch.float64)
     v = torch.randn(2, 7 * C + 1, 5, dtype=torch.float64)
@@ -133,8 +133,43 @@ def test_fast_weight_term_is_exact_for_any_block(make_layer, block_chunks):
     for start in range(C, z.shape[1], C):
         state = v[:, :start].transpose(1, 2) @ z[:, :start]
         expected[:, start:start + C] += 0.5 * z[:, start:start + C] @ state.transpose(1, 2)
-    result = add_fast_weight_term_(out, z, v, 0.5, C, block_chunks * C)
+    result = scan_add_(z, v, out, C, 0.5, block_size=block_chunks * C)
     assert result is out
     torch.testing.assert_close(out, expected)
     with pytest.raises(ValueError, match="block_size=6 must be a multiple of chunk_size=4"):
-        add_fast_weight_term_(out, z, v, 0.5, C, 6)
+        scan_add_(z, v, out, C, 0.5, block_size=6)
+
+
+@pytest.mark.parametrize("op", ["down", "add"])
+@pytest.mark.parametrize("length", [5 * C, 5 * C + 2], ids=["multiple", "ragged"])
+@pytest.mark.parametrize("clip_tau", [None, 0.05])
+@pytest.mark.parametrize("forget", [1.0, 0.6])
+def test_the_final_delta_carries_a_sequence_across_calls(op, length, clip_tau, forget):
+    """Two calls, the first's final delta the second's initial delta, give the reference's outputs
+    over the whole sequence and its final delta after each part."""
+    from moshi_ttt.ops import inplace_ttt_add_, inplace_ttt_down
+    from moshi_ttt.ops.inplace.naive import naive_inplace_ttt
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, length, 6, dtype=torch.float64, generator=g)
+    v = torch.randn(2, length, 5, dtype=torch.float64, generator=g)
+    weight = torch.randn(5, 6, dtype=torch.float64, generator=g)
+    args = (C, 0.5, clip_tau, forget)
+
+    def call(zz, vv, initial_delta):
+        state = dict(algorithm="scan", scan_block=2 * C, initial_delta=initial_delta, output_final_delta=True)
+        if op == "down":
+            return inplace_ttt_down(zz, vv, weight, *args, **state)
+        return inplace_ttt_add_(zz, vv, zz @ weight.T, *args, **state)
+
+    cut = 2 * C
+    first, delta = call(z[:, :cut], v[:, :cut], None)
+    second, final = call(z[:, cut:], v[:, cut:], delta)
+    expected, expected_final = naive_inplace_ttt(z, v, weight, *args)
+    _, expected_delta = naive_inplace_ttt(z[:, :cut], v[:, :cut], weight, *args)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(delta, expected_delta, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final, expected_final, rtol=1e-10, atol=1e-10)
+    resumed, _ = naive_inplace_ttt(z[:, cut:], v[:, cut:], weight, *args, initial_delta=expected_delta)
+    torch.testing.assert_close(resumed, expected[:, cut:], rtol=1e-12, atol=1e-12)
+    if clip_tau is not None:  # the clip binds
+        assert not torch.allclose(expected, naive_inplace_ttt(z, v, weight, C, 0.5, None, forget)[0])

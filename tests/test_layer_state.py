@@ -139,13 +139,11 @@ def saved_tensors(layer, length, dim):
 
 
 @pytest.mark.parametrize("algorithm", ["dual", "scan"])
-def test_saved_memory_does_not_grow_with_chunks(make_layer, algorithm, monkeypatch):
+def test_saved_memory_does_not_grow_with_chunks(make_layer, algorithm):
     """Flat memory per token from 16 to 128 chunks, and no d x h weight per chunk: blocks
     (of 8 positions here) keep their scores, a whole-sequence dual block recomputes them."""
-    from moshi_ttt.ops import dual
-    monkeypatch.setattr(dual, "KEPT_SCORES", 16)
     dim, hidden = 32, 96
-    layer = make_layer(dim=dim, hidden=hidden, chunk_size=4, clip_tau=0.05, algorithm=algorithm)
+    layer = make_layer(dim=dim, hidden=hidden, chunk_size=4, clip_tau=0.05, algorithm=algorithm, kept_scores=16)
     short_bytes, _ = saved_tensors(layer, 64, dim)
     long_bytes, largest = saved_tensors(layer, 512, dim)
     assert long_bytes / 512 <= 1.05 * short_bytes / 64, (short_bytes, long_bytes)

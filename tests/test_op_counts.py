@@ -52,8 +52,7 @@ def test_forgetting_costs_the_shared_weight_gradient(make_layer, block):
     assert counted_flops(layer) == expected_flops(block, 3 * HIDDEN + 3 * DIM, forgets=True)
 
 
-def test_recomputed_scores_cost_a_product_more(make_layer, monkeypatch):
-    from moshi_ttt.ops import dual
-    monkeypatch.setattr(dual, "KEPT_SCORES", 0)
-    layer = make_layer(dim=DIM, hidden=HIDDEN, chunk_size=C, algorithm="dual", dtype=torch.float32).train()
+def test_recomputed_scores_cost_a_product_more(make_layer):
+    layer = make_layer(dim=DIM, hidden=HIDDEN, chunk_size=C, algorithm="dual", kept_scores=0,
+                       dtype=torch.float32).train()
     assert counted_flops(layer) == expected_flops(T, 4 * HIDDEN + 4 * DIM)

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from moshi_ttt.ops import chunked_future_conv, future_conv_targets
+from moshi_ttt.ops.inplace import chunked_future_conv, future_conv_targets
+
+SMALL_SPAN = 8  # positions per float32 span of the conv: several spans at test sizes
 
 
 def loop_conv(x0, weight, chunk_size, past=0):
@@ -26,7 +28,7 @@ def test_conv_equals_loop(chunk_size, kernel_size, past, length):
     g = torch.Generator().manual_seed(length)
     x0 = torch.randn(2, length, 5, dtype=torch.float64, generator=g)
     weight = torch.randn(5, kernel_size, dtype=torch.float64, generator=g)
-    torch.testing.assert_close(chunked_future_conv(x0, weight, chunk_size, past),
+    torch.testing.assert_close(chunked_future_conv(x0, weight, chunk_size, past, SMALL_SPAN),
                                loop_conv(x0, weight, chunk_size, past))
 
 
@@ -38,11 +40,11 @@ def test_targets_gradcheck(chunk_size, kernel_size, past, length):
     conv = torch.randn(3, kernel_size, dtype=torch.float64, generator=g, requires_grad=True)
     proj = torch.randn(3, 3, dtype=torch.float64, generator=g, requires_grad=True)
     expected = loop_conv(x0, conv, chunk_size, past) @ proj.T
-    torch.testing.assert_close(future_conv_targets(x0, conv, proj, chunk_size, past), expected)
-    assert torch.autograd.gradcheck(lambda *a: future_conv_targets(*a, chunk_size, past), (x0, conv, proj))
+    torch.testing.assert_close(future_conv_targets(x0, conv, proj, chunk_size, past, SMALL_SPAN), expected)
+    assert torch.autograd.gradcheck(lambda *a: future_conv_targets(*a, chunk_size, past, SMALL_SPAN), (x0, conv, proj))
     # The embeddings need no gradient when frozen.
     conv.grad = None
-    future_conv_targets(x0.detach(), conv, proj, chunk_size, past).sum().backward()
+    future_conv_targets(x0.detach(), conv, proj, chunk_size, past, SMALL_SPAN).sum().backward()
     assert conv.grad is not None
 
 
@@ -50,10 +52,10 @@ def test_conv_sums_in_float32_and_rounds_once():
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(1, 30, 64, generator=g).bfloat16()
     weight = torch.randn(64, 3, generator=g).bfloat16()
-    out = chunked_future_conv(x0, weight, 4)
+    out = chunked_future_conv(x0, weight, 4, span=SMALL_SPAN)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, loop_conv(x0, weight, 4).float().bfloat16())  # not bf16 sums: those round twice
     x0.requires_grad_()
     proj = torch.eye(64, dtype=torch.bfloat16, requires_grad=True)
-    future_conv_targets(x0, weight.requires_grad_(), proj, 4).sum().backward()
+    future_conv_targets(x0, weight.requires_grad_(), proj, 4, span=SMALL_SPAN).sum().backward()
     assert x0.grad.dtype == weight.grad.dtype == proj.grad.dtype == torch.bfloat16

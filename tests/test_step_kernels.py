@@ -7,7 +7,7 @@ interpreter (set in conftest).
 import pytest
 import torch
 
-from moshi_ttt.ops import step_kernels
+from moshi_ttt.ops.inplace import step_kernels
 
 pytestmark = [pytest.mark.skipif(step_kernels.triton is None, reason="Triton is not installed"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # from Triton's interpreter
@@ -66,7 +66,7 @@ def test_kernel_step_equals_pytorch_step(kernel_layer, dtype, kernel_size, batch
 
 def test_kernel_step_keeps_the_low_precision_copy(kernel_layer, monkeypatch):
     """On CUDA a bf16 model's output reads a bf16 copy of delta, which the fold keeps up to date."""
-    from moshi_ttt.modules import fast_weights
+    from moshi_ttt.modules.inplace import state as fast_weights
     layer = kernel_layer(torch.bfloat16, kernel_size=2)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 17, 20, generator=g).bfloat16()

@@ -1,4 +1,4 @@
-"""moshi-ttt: In-Place Test-Time Training for Kyutai's Moshi.
+"""moshi-ttt: In-Place Test-Time Training (and TTT-MLP) for Kyutai's Moshi.
 
 The names below load on first use, so that `moshi-ttt --help` answers without importing
 torch and moshi.
@@ -15,8 +15,9 @@ if not os.path.exists("/dev/nvidiactl") or os.environ.get("CUDA_VISIBLE_DEVICES"
 
 _FROM_MODULE = {
     "InPlaceTTTGating": ".modules", "LMAlignedTargets": ".modules", "TTTInactiveWarning": ".modules",
+    "TTTMLPBlock": ".modules",
     **{name: ".models" for name in ("TTTConfig", "apply_ttt", "build_lm", "document_segments", "load_ttt_lm",
-                                    "load_ttt_weights", "save_ttt_lm", "save_ttt_weights", "set_ttt_enabled",
+                                    "load_ttt_weights", "save_moshi_lm", "save_ttt_lm", "save_ttt_weights", "set_ttt_enabled",
                                     "tiny_lm_config", "tiny_mimi_config", "ttt_layers")},
 }
 __all__ = sorted(_FROM_MODULE)

@@ -171,7 +171,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, tp.Any]:
             if has_ttt and enabled and documents and args.diagnostics_frames > 0:
                 results["diagnostics"][label] = _diagnostics(lm, documents, args.diagnostics_frames,
                                                              args.device, ttt_diagnostics)
-                chunk_sizes[label] = lm.ttt_config.chunk_size
+                chunk_sizes[label] = max(c.update_frames for c in lm.ttt_configs)
         set_ttt_enabled(lm, True)
         del lm
     if recall_results:
@@ -276,8 +276,8 @@ def _benchmark_pairs(args, zerospeech_pairs, storycloze_pairs) -> dict[str, list
 
 
 def _default_window(lm, context: int | None) -> int:
-    """Four TTT chunks (2048 frames without TTT), at most the attention context."""
-    chunk = lm.ttt_config.chunk_size if getattr(lm, "ttt_config", None) else 512
+    """Four TTT updates' frames (2048 frames without TTT), at most the attention context."""
+    chunk = max(c.update_frames for c in lm.ttt_configs) if getattr(lm, "ttt_config", None) else 512
     return min(4 * chunk, context) if context else 4 * chunk
 
 

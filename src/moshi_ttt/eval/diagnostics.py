@@ -1,6 +1,6 @@
 """TTT's own diagnostics: is each chunk's update learning what it is meant to?
 
-For every TTT layer and chunk i, the TTT objective l(W) = -<Z_i W^T, V_i>_F / n_i
+For every In-Place TTT layer and chunk i, the TTT objective l(W) = -<Z_i W^T, V_i>_F / n_i
 (per token) under three weights: W0 (l0), the fast weights before the chunk's
 update (lprev), and after it (lafter); plus the norm of the chunk's update and of
 the fast weights' accumulated change. All follow from inner products of Z and V,
@@ -9,6 +9,10 @@ so no d x h matrix is formed:
     lprev  = l0 - eta <Z_i S_i^T, V_i> / n_i            (S_i: the clipped updates before i)
     lafter = lprev - eta c_i ||V_i^T Z_i||^2 / n_i
     ||S_{i+1}||^2 = ||S_i||^2 + 2 c_i <Z_i S_i^T, V_i> + c_i^2 ||V_i^T Z_i||^2
+
+For every TTT-MLP block and mini-batch, the same three of its inner reconstruction loss
+(under the initial inner weights, before the mini-batch's update and after it) and the
+norms, as the scan computes them from its own state (`ops.ttt_mlp.ttt_mlp`).
 """
 
 import json
@@ -20,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..models.convert import ttt_layers
-from ..ops import add_fast_weight_term_, chunk_delta_sq_norms, clip_scales, compute_dtype, expand_chunk_values, pad_to_chunks
+from ..ops.common import compute_dtype, pad_to_chunks
+from ..ops.inplace import chunk_delta_sq_norms, clip_scales, expand_chunk_values, scan_add_
 from ..utils.atomic import atomic_file
 
 
@@ -29,12 +34,13 @@ def ttt_diagnostics(lm, codes: torch.Tensor) -> dict[str, dict[str, list[float]]
     """Per TTT layer, per chunk means over the batch of codes [B, K, T] (one document per row)."""
     layers = ttt_layers(lm)
     if not layers:
-        raise ValueError("this model has no In-Place TTT layers")
+        raise ValueError("this model has no TTT layers")
     for _, layer in layers:
         layer.capture = []
     try:
         lm(codes)
-        return {name: _layer_diagnostics(layer, *layer.capture[0]) for name, layer in layers}
+        return {name: (_layer_diagnostics(layer, *layer.capture[0]) if layer.method == "inplace"
+                       else _block_diagnostics(layer.capture[0])) for name, layer in layers}
     finally:
         for _, layer in layers:
             layer.capture = None
@@ -49,7 +55,7 @@ def _layer_diagnostics(layer, z: torch.Tensor, v: torch.Tensor) -> dict[str, lis
     scales = clip_scales(sq, eta, layer.clip_tau)
     slow = F.linear(z, _weight(layer.linear_out)).to(cd)
     vc = vf * expand_chunk_values(scales, C, T)
-    fast = add_fast_weight_term_(torch.zeros_like(vf), zf, vc, 1.0, C, -(-T // C) * C)  # Z_i S_i^T
+    fast = scan_add_(zf, vc, torch.zeros_like(vf), C, 1.0, block_size=-(-T // C) * C)  # Z_i S_i^T
     sizes = pad_to_chunks(torch.ones_like(zf[..., :1]), C).sum(dim=(2, 3))  # tokens per chunk
     l0 = -(pad_to_chunks(slow * vf, C)).sum(dim=(2, 3)) / sizes
     before = (pad_to_chunks(fast * vf, C)).sum(dim=(2, 3))  # <Z_i S_i^T, V_i>
@@ -63,6 +69,13 @@ def _layer_diagnostics(layer, z: torch.Tensor, v: torch.Tensor) -> dict[str, lis
     stats = {"l0": l0, "lprev": lprev, "lafter": lafter, "update_norm": eta * scales * sq.sqrt(),
              "accumulated_norm": accumulated}
     return {key: value.mean(0).tolist() for key, value in stats.items()}
+
+
+def _block_diagnostics(record: torch.Tensor) -> dict[str, list[float]]:
+    """From a TTT-MLP block's [B, H, n, 5] record: means over samples and heads per mini-batch."""
+    means = record.float().mean(dim=(0, 1))
+    keys = ("l0", "lprev", "lafter", "update_norm", "accumulated_norm")
+    return {key: means[:, i].tolist() for i, key in enumerate(keys)}
 
 
 def _weight(linear) -> torch.Tensor:
@@ -92,7 +105,7 @@ def write_diagnostics(results: dict[str, dict[str, dict[str, list[float]]]], out
             bottom.plot(chunks, stats["update_norm"], marker="o", label="chunk update")
             bottom.plot(chunks, stats["accumulated_norm"], marker="o", label="accumulated change")
             bottom.set_ylabel("Frobenius norm")
-            bottom.set_xlabel(f"chunk ({chunk_sizes[model]} frames)")
+            bottom.set_xlabel(f"update ({chunk_sizes[model]} frames each)")
             bottom.legend()
             bottom.grid(alpha=0.3)
             fig.suptitle(f"{model}: {layer}", fontsize=9)

@@ -2,9 +2,11 @@
 
 A saved TTT model directory is a Moshi checkpoint plus two things:
 
-    config.json         moshi's config, with "ttt" (the TTTConfig) and "ttt_name"
+    config.json         moshi's config, with "ttt" (the TTTConfig, or a list of them for a
+                        model that mixes methods) and "ttt_name"
     model.safetensors   every weight that plain Moshi has, loadable by moshi itself
-    ttt.safetensors     the In-Place TTT parameters (the target generators)
+    ttt.safetensors     the parameters the TTT methods add (In-Place TTT's target
+                        generators, TTT-MLP's blocks)
 
 so moshi's own loader reads the first two, and `load_ttt_lm` adds the third.
 """
@@ -21,21 +23,28 @@ from safetensors.torch import load_file, save_file
 
 from ..utils.atomic import atomic_dir, atomic_file
 from .config import TTTConfig
-from .convert import apply_ttt
+from .convert import apply_ttt, ttt_layers
 
 TTT_WEIGHTS_NAME = "ttt.safetensors"
 # moshi's own loader, kept before anything (such as `moshi-ttt serve`) routes it here.
 _moshi_get_moshi = loaders.CheckpointInfo.get_moshi
-TTT_KEY = ".ttt_target."
-
-
-def is_ttt_key(key: str) -> bool:
-    return TTT_KEY in key
 
 
 def ttt_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The In-Place TTT parameters of a model, by state-dict key."""
-    return {k: v for k, v in model.state_dict().items() if is_ttt_key(k)}
+    """The parameters the TTT layers add to Moshi's, by state-dict key (what each layer's
+    method declares its own: `FastWeightLayer.own_parameters`)."""
+    keys = {f"{name}.{own}" for name, layer in ttt_layers(model) for own in layer.own_parameter_names()}
+    return {k: v for k, v in model.state_dict().items() if k in keys}
+
+
+def configs_to_json(model: torch.nn.Module) -> tp.Any:
+    """What config.json's "ttt" holds: the TTTConfig as a dict, or a list for a model that mixes methods."""
+    configs = [c.to_dict() for c in model.ttt_configs]
+    return configs[0] if len(configs) == 1 else configs
+
+
+def configs_from_json(saved: tp.Any) -> list[TTTConfig]:
+    return [TTTConfig.from_dict(c) for c in (saved if isinstance(saved, list) else [saved])]
 
 
 def save_ttt_weights(model: LMModel, path: str | Path) -> None:
@@ -45,7 +54,7 @@ def save_ttt_weights(model: LMModel, path: str | Path) -> None:
         raise ValueError("this model has no In-Place TTT layers (apply_ttt was not called)")
     tensors = {k: v.detach().contiguous().cpu() for k, v in ttt_state_dict(model).items()}
     with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"ttt_config": config.to_json()})
+        save_file(tensors, str(tmp), metadata={"ttt_config": json.dumps(configs_to_json(model), indent=2)})
 
 
 def load_ttt_weights(model: LMModel, path: str | Path) -> None:
@@ -71,9 +80,10 @@ def save_ttt_lm(model: LMModel, directory: str | Path) -> None:
     if moshi_config is None:
         raise ValueError("this LMModel does not record the moshi config it was built with; "
                          "load it with load_ttt_lm or build it with build_lm")
-    plain = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not is_ttt_key(k)}
+    ttt_keys = set(ttt_state_dict(model))
+    plain = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in ttt_keys}
     full_config = dict(moshi_config, moshi_name=loaders.MOSHI_NAME, ttt_name=TTT_WEIGHTS_NAME,
-                       ttt=config.to_dict())
+                       ttt=configs_to_json(model))
     with atomic_dir(directory) as tmp:
         save_file(plain, str(tmp / loaders.MOSHI_NAME))
         save_ttt_weights(model, tmp / TTT_WEIGHTS_NAME)
@@ -164,7 +174,7 @@ def lm_from_checkpoint_info(info: loaders.CheckpointInfo, ttt: TTTConfig | None 
     lm.moshi_config = _moshi_config(info)
     if saved_ttt is None:
         return apply_ttt(lm, ttt)
-    apply_ttt(lm, TTTConfig.from_dict(saved_ttt))
+    apply_ttt(lm, configs_from_json(saved_ttt))
     load_ttt_weights(lm, Path(info.moshi_weights).parent / ttt_name)
     return lm
 

@@ -1,4 +1,4 @@
-"""`TTTConfig`: which layers of Moshi get In-Place TTT, and how it behaves.
+"""`TTTConfig`: which layers of Moshi get test-time training, by which method, and how it behaves.
 
 A plain dataclass that round-trips through dicts, JSON and YAML; every value is
 checked, and an error names the field.
@@ -15,15 +15,28 @@ import yaml
 
 X0Source = tp.Literal["input", "text", "user", "text_user", "hidden"]
 X0_SOURCES: tuple[str, ...] = tp.get_args(X0Source)
+Method = tp.Literal["inplace", "ttt_mlp"]
+METHODS: tuple[str, ...] = tp.get_args(Method)
+# The fields only one method reads; the other method's must keep their defaults.
+METHOD_FIELDS = {
+    "inplace": ("chunk_size", "eta", "kernel_size", "kernel_past", "init", "init_std", "clip_tau", "forget",
+                "x0_source", "algorithm", "scan_block"),
+    "ttt_mlp": ("mini_batch", "base_lr", "heads", "conv_kernel", "gate_init", "scan_group"),
+}
 
 
 @dataclass
 class TTTConfig:
-    """In-Place TTT settings for the main transformer (the depformer is never converted).
+    """Test-time-training settings for the main transformer (the depformer is never converted).
 
     Attributes:
+        method: "inplace" (In-Place TTT: the chosen layers' MLPs get a fast down-projection)
+            or "ttt_mlp" (TTT-MLP, Sun et al. 2024: a gated residual block follows each
+            chosen layer). Each method reads only its own fields below.
         layers: explicit layer indices; when None, `start, start+every, ...`.
         start, every: the paper's default is every 6th layer from layer 0.
+
+    In-Place TTT:
         chunk_size: frames per fast-weight update (512 frames = 41 s at 12.5 Hz).
         eta: fast-weight learning rate.
         kernel_size: the target conv reads frames t .. t+K-1 ...
@@ -39,8 +52,17 @@ class TTTConfig:
             "hidden" (the layer's own MLP input).
         algorithm: exact form for whole sequences, "auto", "dual" or "scan".
         scan_block: positions per scan block, None to pick one from the model's size.
+
+    TTT-MLP:
+        mini_batch: b, tokens per inner gradient step (16 in the paper).
+        base_lr: the inner learning rate's scale (0.1 for TTT-MLP in the paper).
+        heads: heads of the inner MLPs, None for the attention's.
+        conv_kernel: causal convolution on queries and keys (4 in the paper), 0 for none.
+        gate_init: tanh-gate alpha at conversion (0 is exactly the plain model).
+        scan_group: mini-batches per checkpointed group of the scan in training.
     """
 
+    method: str = "inplace"
     layers: list[int] | None = None
     start: int = 0
     every: int = 6
@@ -55,13 +77,26 @@ class TTTConfig:
     x0_source: str = "text_user"  # what is said, by either side; not Moshi's own audio (docs/recall.md)
     algorithm: str = "auto"
     scan_block: int | None = None
+    mini_batch: int = 16
+    base_lr: float = 0.1
+    heads: int | None = None
+    conv_kernel: int = 0
+    gate_init: float = 0.1
+    scan_group: int = 16
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        from ..modules.targets import TARGET_INITS  # here: reading a config needs no torch
+        from ..modules.inplace.targets import TARGET_INITS  # here: reading a config needs no torch
         from ..ops import ALGORITHMS, check_forget
+        if self.method not in METHODS:
+            raise ValueError(f"ttt.method={self.method!r}: expected one of {METHODS}")
+        others = [name for method, names in METHOD_FIELDS.items() if method != self.method for name in names
+                  if getattr(self, name) != getattr(TTTConfig, name)]
+        if others:
+            raise ValueError(f"ttt.method={self.method!r} does not read {', '.join(f'ttt.{n}' for n in others)} "
+                             f"(fields of another method): drop them, or set ttt.method")
         if self.layers is not None:
             if not isinstance(self.layers, (list, tuple)) or not self.layers:
                 raise ValueError(f"ttt.layers={self.layers!r}: expected a non-empty list of layer indices or null")
@@ -97,6 +132,15 @@ class TTTConfig:
             _check_int("scan_block", self.scan_block, minimum=1)
         if self.x0_source not in X0_SOURCES:
             raise ValueError(f"ttt.x0_source={self.x0_source!r}: expected one of {X0_SOURCES}")
+        _check_int("mini_batch", self.mini_batch, minimum=1)
+        _check_number("base_lr", self.base_lr, minimum=0.0)
+        if self.heads is not None:
+            _check_int("heads", self.heads, minimum=1)
+        _check_int("conv_kernel", self.conv_kernel, minimum=0)
+        if not (isinstance(self.gate_init, (int, float)) and not isinstance(self.gate_init, bool)
+                and abs(self.gate_init) < float("inf")):
+            raise ValueError(f"ttt.gate_init={self.gate_init!r}: expected a finite number")
+        _check_int("scan_group", self.scan_group, minimum=0)
 
     def layer_indices(self, num_layers: int) -> list[int]:
         """The converted layers of a transformer with `num_layers` layers."""
@@ -111,8 +155,16 @@ class TTTConfig:
                              f"a transformer with {num_layers} layers (0 .. {num_layers - 1})")
         return list(self.layers)
 
+    @property
+    def update_frames(self) -> int:
+        """Frames per fast-weight update: In-Place's chunk, TTT-MLP's mini-batch."""
+        return self.mini_batch if self.method == "ttt_mlp" else self.chunk_size
+
     def layer_kwargs(self) -> dict[str, tp.Any]:
-        """Keyword arguments of `InPlaceTTTGating` that this config sets."""
+        """Keyword arguments of the method's layer (`InPlaceTTTGating`, `TTTMLPBlock`) that this config sets."""
+        if self.method == "ttt_mlp":
+            return dict(mini_batch=self.mini_batch, base_lr=self.base_lr, conv_kernel=self.conv_kernel,
+                        gate_init=self.gate_init, checkpoint_group=self.scan_group)
         return dict(chunk_size=self.chunk_size, eta=self.eta, kernel_size=self.kernel_size,
                     kernel_past=self.kernel_past,
                     clip_tau=self.clip_tau, forget=self.forget, init=self.init, init_std=self.init_std,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from ..models.config import TTTConfig
+from ..models.config import METHOD_FIELDS, TTTConfig
 
 MODES = ("ttt", "ttt_layers", "lora", "full")
 TINY_DEFAULTS = {"context": 16}
@@ -283,6 +283,8 @@ def _build(cls, data: tp.Any, prefix: str):
             merged = {**default.to_dict(), **{k: _yaml_float(v) if k in floats else v for k, v in value.items()}}
             if ("start" in value or "every" in value) and "layers" not in value:
                 merged["layers"] = None  # layers and start/every are two ways to choose: the one given counts
+            if merged["method"] != default.method:  # another method: the defaults' own settings do not apply
+                merged.update({k: getattr(TTTConfig, k) for k in METHOD_FIELDS[default.method] if k not in value})
             try:
                 kwargs[name] = TTTConfig.from_dict(merged)
             except (TypeError, ValueError) as error:

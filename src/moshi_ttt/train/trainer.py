@@ -217,20 +217,22 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
                     disable=not (dist.is_main and interactive))
     train_s = 0.0
     fast_layers = ttt_layers(lm)
+    inplace_layers = [(name, layer) for name, layer in fast_layers if layer.method == "inplace"]
+    inplace_eta = next((c.eta for c in getattr(lm, "ttt_configs", ()) if c.method == "inplace"), None)
     interrupted, last_saved, done = None, None, step
     with stop_on_signals() as request:
         for step in progress:
             start = time.perf_counter()
             log_now = (step + 1) % config.log_freq == 0
-            for _, layer in fast_layers:
+            for _, layer in inplace_layers:
                 layer.capture = [] if log_now else None
-                layer.eta = eta_at(lm.ttt_config.eta, config.eta_warmup_steps, step)
+                layer.eta = eta_at(inplace_eta, config.eta_warmup_steps, step)
             metrics = _train_step(config, dist, lm, model, batcher, optimizer, streams=streams_at(config, step))
             done = step + 1
             schedule.step()
             metrics["lr"] = schedule.get_last_lr()[0]
-            if step < config.eta_warmup_steps and fast_layers:
-                metrics["ttt_eta"] = fast_layers[0][1].eta
+            if step < config.eta_warmup_steps and inplace_layers:
+                metrics["ttt_eta"] = inplace_layers[0][1].eta
             seconds = time.perf_counter() - start
             train_s += seconds
             metrics["frames_per_s"] = rows_per_step * config.frames / seconds
@@ -238,7 +240,8 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
             losses.append(metrics["loss"])
             progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
                                  fps=f"{metrics['frames_per_s']:.0f}")
-            metrics.update(_update_norms(fast_layers))  # from this step's batch, before any evaluation forward
+            metrics.update(_update_norms(inplace_layers))  # from this step's batch, before any evaluation forward
+            metrics.update(_gates(fast_layers))
             interrupted = request.agreed(dist)  # before the evaluation: torchrun kills 30 s after a signal
             if probe is not None and (step + 1) % config.eval_freq == 0 and not interrupted:
                 recall = probe.measure(lm)
@@ -344,6 +347,14 @@ def _update_norms(fast_layers: list) -> dict[str, float]:
                 out[f"fast_weight_update/{name}"] = torch.cat(norms).mean().item()
             layer.capture = None
     return out
+
+
+def _gates(fast_layers: list) -> dict[str, float]:
+    """Mean |tanh(alpha)| of each TTT-MLP block's gate: a peer's gates drifted toward 0 in
+    finetuning (the model learning to ignore its blocks), so it is worth watching."""
+    with torch.no_grad():
+        return {f"ttt_gate/{name}": layer.gate.tanh().abs().mean().item()
+                for name, layer in fast_layers if layer.method == "ttt_mlp"}
 
 
 # Settings a resumed run may change: they do not change what it computes.
@@ -483,7 +494,7 @@ class RecallProbe:
         from ..eval.stream_recall import stream_documents, stream_recall, stream_verdict, write_stream_recall
         n = self.config.eval_stream_documents
         streams = stream_documents(synthetic_recall_set(lm, documents=self.STREAMS * n, **self.settings), n)
-        window = self.reach["context"] or self.config.ttt.chunk_size
+        window = self.reach["context"] or self.config.ttt.update_frames
         results = self._with_ttt_off(lm, lambda: stream_recall(lm, streams, window))
         write_stream_recall(results, out)
         print(stream_verdict(results))

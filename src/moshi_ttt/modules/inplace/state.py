@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 from moshi.modules.streaming import State
 
-from ..ops import chunk_decay, clip_scales, compute_dtype, future_conv_partial_rows
-from ..ops.matmul import bmm_acc, operand_dtype
-from ..ops.step_kernels import kernels_enabled, token_step
+from ...ops.common import bmm_acc, compute_dtype, operand_dtype
+from ...ops.inplace import clip_scales, future_conv_partial_rows
+from ...ops.inplace.step_kernels import kernels_enabled, token_step
 
 
 @dataclass
@@ -47,7 +47,7 @@ class FastWeightState(State):
     cur_sq_norm: torch.Tensor   # [B] ||V^T Z||_F^2 over the final rows of the current chunk
     prev_keep: torch.Tensor     # [B] factor of delta's rows not yet folded: lambda after a chunk, 1 after
                                 # settle(), 0 before the first chunk ends (delta is 0 then)
-    use_kernels: bool = False   # token steps through the Triton kernels (`ops.step_kernels`)
+    use_kernels: bool = False   # token steps through the Triton kernels (`ops.inplace.step_kernels`)
     past: int = 0               # the target conv's taps on the past
     forget: float = 1.0         # lambda, the forgetting factor of each chunk's fold (1: none)
 
@@ -142,18 +142,10 @@ class FastWeightState(State):
         self.prev_scale.masked_fill_(run, 0)
         self._sync_read_copy()
 
-    def absorb(self, z: torch.Tensor, v_clipped: torch.Tensor) -> None:
-        """Add the deltas of whole chunks (z: [B, L, h], clip-scaled v: [B, L, d]), after settle()."""
-        run = self.exec_mask[:, None, None]
-        if self.forget == 1.0:
-            self.delta.add_(bmm_acc(v_clipped.transpose(1, 2), z, self.op) * run)
-        else:  # delta <- lambda^n delta + sum_j lambda^(n-1-j) U_j over the n chunks
-            n = z.shape[1] // self.chunk_size
-            weights = chunk_decay(self.forget, self.chunk_size, z.shape[1]).flip(0)  # lambda^(n-1-j)
-            weights = weights.to(z.device, compute_dtype(v_clipped.dtype))
-            updates = bmm_acc((v_clipped * weights[None, :, None]).transpose(1, 2), z, self.op)
-            decayed = self.delta * self.forget ** n + updates
-            self.delta.copy_(torch.where(run, decayed, self.delta))
+    def absorb(self, final_delta: torch.Tensor) -> None:
+        """Take the delta after whole chunks run in parallel from this state's, after settle():
+        `final_delta` of `inplace_ttt_add_` with initial_delta=delta."""
+        self.delta.copy_(torch.where(self.exec_mask[:, None, None], final_delta, self.delta))
         self._sync_read_copy()
 
     def step(self, z: torch.Tensor, x0: torch.Tensor, targets, eta: float,
@@ -164,29 +156,32 @@ class FastWeightState(State):
         `eta * z (delta, its unfolded rows times lambda, + updates not yet folded)^T`, in
         float32 (float64). (Kept in
         eager mode: under torch.compile the step ran slower on an H100.) On CUDA, the
-        Triton kernels of `ops.step_kernels` can do the same in five or six launches.
+        Triton kernels of `ops.inplace.step_kernels` can do the same in five or six launches.
         """
         if self.use_kernels:
             return token_step(self, z, x0, targets.conv, targets.proj.weight, eta, clip_tau)
+        run = self.exec_mask
+        is_prev = self._prev_rows()
+        self._fold_rows(is_prev, run)
+        out = self._read(z, eta, is_prev, run)
+        _masked_write_row(self.z_ring, self.slot * self.chunk_size + self.pos, z, run)
+        window = torch.cat([self.x0_tail, x0.to(self.x0_tail.dtype)[:, None]], dim=1)  # positions p-K+1 .. p
+        v_rows, row_pos = self._write_targets(window, targets, run)
+        at_end = run & (self.pos == self.chunk_size - 1)
+        self._track_clip(v_rows, row_pos, is_prev, eta, clip_tau, at_end, run)
+        self._advance(window, at_end, run)
+        return out
+
+    def _fold_rows(self, is_prev: torch.Tensor, run: torch.Tensor) -> None:
+        """Fold rows [p r, (p + 1) r) of the previous chunk's delta into delta (and its copy)."""
         B, dim, hidden = self.delta.shape
         C, r = self.chunk_size, self.rows_per_step
-        K = self.x0_tail.shape[1] + 1
-        F = K - 1 - self.past  # the taps on later positions: rows p-F .. p still change
-        op = self.op
-        run = self.exec_mask
-        dev = z.device
-        p = self.pos
-        ring = torch.arange(2 * C, device=dev)
-        is_prev = self._prev_rows()
-        prev = is_prev.to(self.v_ring.dtype)
-        cur_start = self.slot * C
-
-        # Fold rows [p * r, (p + 1) * r) of the previous chunk's delta.
-        fold_rows = p[:, None] * r + torch.arange(r, device=dev)[None]
+        fold_rows = self.pos[:, None] * r + torch.arange(r, device=self.pos.device)[None]
         valid_rows = fold_rows < dim
         fold_rows = fold_rows.clamp(max=dim - 1)
         v_cols = torch.gather(self.v_ring, 2, fold_rows[:, None, :].expand(B, 2 * C, r))
-        folded = bmm_acc((v_cols * prev[..., None]).transpose(1, 2), self.z_ring, op)
+        prev = is_prev.to(self.v_ring.dtype)
+        folded = bmm_acc((v_cols * prev[..., None]).transpose(1, 2), self.z_ring, self.op)
         folded = folded * (valid_rows * (self.prev_scale * run)[:, None])[..., None]
         row_index = fold_rows[..., None].expand(B, r, hidden)
         if self.forget != 1.0:  # the rows folded now are multiplied by lambda: add (lambda - 1) row
@@ -194,59 +189,74 @@ class FastWeightState(State):
             folded = folded + (keep - 1.0)[..., None] * self.delta.gather(1, row_index)
         self.delta.scatter_add_(1, row_index, folded)
         if self.delta_read is not self.delta:
-            self.delta_read.scatter_(1, row_index, self.delta.gather(1, row_index).to(op))
+            self.delta_read.scatter_(1, row_index, self.delta.gather(1, row_index).to(self.op))
 
-        # The token's output: folded rows from delta, the others in dual form.
+    def _read(self, z: torch.Tensor, eta: float, is_prev: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+        """The token's output: folded rows from delta, the others in dual form."""
+        op = self.op
         out = bmm_acc(self.delta_read, z[..., None], op).squeeze(-1)
         scores = bmm_acc(self.z_ring, z[..., None], op).squeeze(-1) * is_prev * self.prev_scale[:, None]
         pending = bmm_acc(scores[:, None, :], self.v_ring, op).squeeze(1)
-        n_folded = (p + run.long()) * r
-        unfolded = torch.arange(dim, device=dev)[None] >= n_folded[:, None]
+        n_folded = (self.pos + run.long()) * self.rows_per_step
+        unfolded = torch.arange(self.delta.shape[1], device=z.device)[None] >= n_folded[:, None]
         if self.forget != 1.0:
             out = out * torch.where(unfolded, self.prev_keep[:, None], 1.0)
-        out = eta * (out + pending * unfolded)
+        return eta * (out + pending * unfolded)
 
-        # Buffer z at its ring row.
-        _masked_write_row(self.z_ring, cur_start + p, z, run)
-
-        # Targets of positions p-F .. p from the embeddings seen so far (zero before the chunk).
-        window = torch.cat([self.x0_tail, x0.to(self.x0_tail.dtype)[:, None]], dim=1)
+    def _write_targets(self, window: torch.Tensor, targets, run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Targets of positions p-F .. p from the embeddings seen so far (zero before the chunk),
+        written to the current chunk's rows of v_ring; F, the conv's taps on later positions,
+        is how many rows before p still change. Returns the rows [B, F+1, d] and, for row j,
+        its position p - j ([B, F+1], negative before the chunk)."""
+        K = window.shape[1]
+        F = K - 1 - self.past
+        p = self.pos
         seen = window
         if self.past:
-            in_chunk = torch.arange(K - 1, -1, -1, device=dev)[None] <= p[:, None]  # slot i: position p-K+1+i
+            in_chunk = torch.arange(K - 1, -1, -1, device=p.device)[None] <= p[:, None]  # slot i: position p-K+1+i
             seen = window * in_chunk[..., None]
         v_rows = targets.project(future_conv_partial_rows(seen, targets.conv.to(window.dtype), self.past))
-        row_pos = p[:, None] - torch.arange(F + 1, device=dev)[None]  # [B, F+1], row j: position p - j
+        row_pos = p[:, None] - torch.arange(F + 1, device=p.device)[None]
         row_ok = row_pos >= 0
+        cur_start = self.slot * self.chunk_size
         for j in range(F + 1):
             _masked_write_row(self.v_ring, cur_start + row_pos[:, j].clamp(min=0), v_rows[:, j],
                               run & row_ok[:, j])
+        return v_rows, row_pos
 
-        at_end = run & (p == C - 1)
-        if clip_tau is not None:
-            # Gram terms of each candidate row q against the current chunk's rows < q.
-            rows = (cur_start[:, None] + row_pos.clamp(min=0))[..., None].expand(B, F + 1, hidden)
-            z_rows = torch.gather(self.z_ring, 1, rows)
-            gram = (bmm_acc(v_rows, self.v_ring.transpose(1, 2), op)
-                    * bmm_acc(z_rows, self.z_ring.transpose(1, 2), op))
-            earlier = (~is_prev)[:, None, :] & ((ring % C)[None, None, :] < row_pos[..., None])
-            v_sq = v_rows.to(self.delta.dtype).square().sum(-1)
-            z_sq = z_rows.to(self.delta.dtype).square().sum(-1)
-            terms = (2 * (gram * earlier).sum(-1) + v_sq * z_sq) * row_ok  # [B, F+1]
-            # Row p-F becomes final now; at the chunk's end all F+1 rows are.
-            sq_norm_now = self.cur_sq_norm + terms[:, F]
-            end_scale = clip_scales(self.cur_sq_norm + terms.sum(-1), eta, clip_tau)
-            self.cur_sq_norm.copy_(torch.where(at_end, 0.0, torch.where(run, sq_norm_now, self.cur_sq_norm)))
-            self.prev_scale.copy_(torch.where(at_end, end_scale, self.prev_scale))
-        else:
+    def _track_clip(self, v_rows: torch.Tensor, row_pos: torch.Tensor, is_prev: torch.Tensor, eta: float,
+                    clip_tau: float | None, at_end: torch.Tensor, run: torch.Tensor) -> None:
+        """Add the rows made final to the current chunk's ||V^T Z||_F^2; at the chunk's end, its
+        clip factor (1 without a clip) becomes prev_scale, the factor of its fold and reads."""
+        if clip_tau is None:
             self.prev_scale.masked_fill_(at_end, 1.0)
+            return
+        B, n_rows = row_pos.shape
+        C = self.chunk_size
+        op = self.op
+        # Gram terms of each candidate row q against the current chunk's rows < q.
+        rows = (self.slot[:, None] * C + row_pos.clamp(min=0))[..., None].expand(B, n_rows, self.delta.shape[2])
+        z_rows = torch.gather(self.z_ring, 1, rows)
+        gram = (bmm_acc(v_rows, self.v_ring.transpose(1, 2), op)
+                * bmm_acc(z_rows, self.z_ring.transpose(1, 2), op))
+        ring = torch.arange(2 * C, device=row_pos.device)
+        earlier = (~is_prev)[:, None, :] & ((ring % C)[None, None, :] < row_pos[..., None])
+        v_sq = v_rows.to(self.delta.dtype).square().sum(-1)
+        z_sq = z_rows.to(self.delta.dtype).square().sum(-1)
+        terms = (2 * (gram * earlier).sum(-1) + v_sq * z_sq) * (row_pos >= 0)  # [B, F+1]
+        # Row p-F becomes final now; at the chunk's end all F+1 rows are.
+        sq_norm_now = self.cur_sq_norm + terms[:, -1]
+        end_scale = clip_scales(self.cur_sq_norm + terms.sum(-1), eta, clip_tau)
+        self.cur_sq_norm.copy_(torch.where(at_end, 0.0, torch.where(run, sq_norm_now, self.cur_sq_norm)))
+        self.prev_scale.copy_(torch.where(at_end, end_scale, self.prev_scale))
 
+    def _advance(self, window: torch.Tensor, at_end: torch.Tensor, run: torch.Tensor) -> None:
+        """On to the next position; at a chunk's end the ring halves swap roles."""
         if self.forget != 1.0:
             self.prev_keep.masked_fill_(at_end, self.forget)
         self.slot.copy_(torch.where(at_end, 1 - self.slot, self.slot))
-        self.pos.copy_(torch.where(run, (p + 1) % C, p))
+        self.pos.copy_(torch.where(run, (self.pos + 1) % self.chunk_size, self.pos))
         self.x0_tail.copy_(torch.where(run[:, None, None], window[:, 1:], self.x0_tail))
-        return out
 
 
 def _masked_write_row(buffer: torch.Tensor, rows: torch.Tensor, values: torch.Tensor,

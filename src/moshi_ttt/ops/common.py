@@ -1,4 +1,4 @@
-"""Batched matmuls that accumulate and return in float32 (float64 for float64).
+"""What every fast-weight method shares: the dtype policy, float32 sums, chunks.
 
 The fast-weight math needs float32 sums, not float32 operands: on CUDA, bf16 and
 fp16 operands go to the tensor cores with float32 accumulation and output
@@ -9,6 +9,7 @@ device, which holds no data, stands in for CUDA in memory estimates.
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -56,3 +57,11 @@ def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type in ("cuda", "cpu"):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+def pad_to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """[B, T, D] -> [B, n_chunks, chunk_size, D], zero-padding the last chunk."""
+    B, T, D = x.shape
+    n_chunks = -(-T // chunk_size)
+    x = F.pad(x, (0, 0, 0, n_chunks * chunk_size - T))
+    return x.view(B, n_chunks, chunk_size, D)

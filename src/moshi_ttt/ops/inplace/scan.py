@@ -18,7 +18,7 @@ Blocks of a few chunks keep the linear cost and cut the state traffic.
 Memory is what this module is built around. The term is added to the slow
 output chunk by chunk, each chunk's sum in float32 and rounded once; the clip
 scales score columns and chunk rows, so no clipped copy of V exists. Z and V
-are saved, and the scores of blocks up to `dual.KEPT_SCORES` positions. The
+are saved, and the scores of blocks up to `kept_scores` positions. The
 backward writes every gradient row from float32 sums of one chunk, so no
 float32 buffer the size of Z or V exists; and it holds one d x h state at a
 time: a first pass in block order replays S_b and writes the term `dY_b S_b`
@@ -32,9 +32,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..common import baddbmm_acc_, bmm_acc, compute_dtype, linear_dtype, operand_dtype, without_autocast
 from .chunking import chunk_decay, chunk_delta_sq_norms, chunk_grams, clip_scales, expand_chunk_values
-from .dual import block_score_grads, block_scores, dual_backward_chunk, dual_forward_chunk
-from .matmul import baddbmm_acc_, bmm_acc, compute_dtype, linear_dtype, operand_dtype, without_autocast
+from .dual import KEPT_SCORES, block_score_grads, block_scores, dual_backward_chunk, dual_forward_chunk
 
 
 def _blocks(length: int, block_size: int) -> list[tuple[int, int]]:
@@ -144,10 +144,10 @@ def _scaled(v: torch.Tensor, scales: torch.Tensor | None, start: int, end: int) 
     return (v[:, start:end] * scales[..., None]).to(v.dtype)
 
 
-def _add_fast_term_(out, z, v, clip, forget, eta, chunk_size, block_size, op, keep_scores
-                    ) -> list[torch.Tensor | None]:
+def _scan_forward_(z, v, out, chunk_size, eta, clip, forget, block_size, op, kept_scores
+                   ) -> list[torch.Tensor | None]:
     """out += eta * (the fast-weight term), chunk by chunk, without autograd; returns the
-    blocks' scores for the backward (when `keep_scores`)."""
+    blocks' scores for the backward (those of blocks up to `kept_scores` positions)."""
     B, T, _ = z.shape
     state = None  # float32 [B, d, h]: the updates of the blocks before this one
     saved = []
@@ -155,7 +155,7 @@ def _add_fast_term_(out, z, v, clip, forget, eta, chunk_size, block_size, op, ke
         state_t = None  # the last block's copy goes before this one's is made
         if state is not None:
             state_t = state.to(op).transpose(1, 2)
-        scores = block_scores(B, end - start, chunk_size, z.device, op) if keep_scores else None
+        scores = block_scores(B, end - start, chunk_size, z.device, op, kept_scores)
         saved.append(scores)
         key_scales = _key_scales(clip, forget, start, end, out)
         for q, q_end in _chunks(start, end, chunk_size):
@@ -171,8 +171,8 @@ def _add_fast_term_(out, z, v, clip, forget, eta, chunk_size, block_size, op, ke
     return saved
 
 
-def _fast_term_backward(dout, z, v, saved_scores, clip, forget, eta, chunk_size, block_size, op, weight=None,
-                        weight_grad=False):
+def _scan_backward(dout, z, v, saved_scores, chunk_size, eta, clip, forget, block_size, op, weight=None,
+                   weight_grad=False):
     """dZ and dV of `out += eta * fast term`, and the float32 sums of the slow weight's gradient.
 
     With the slow weight W given, dZ includes `dout W`. With `weight_grad`, more than
@@ -259,21 +259,22 @@ def _add_update(state: torch.Tensor | None, z: torch.Tensor, v: torch.Tensor, op
     return baddbmm_acc_(state, v.transpose(1, 2), z, op)
 
 
-def _setup(ctx, z, v, eta, chunk_size, block_size, clip_tau, forget):
+def _setup(ctx, z, v, chunk_size, eta, clip_tau, forget, block_size):
     op = operand_dtype(z.dtype, z.device)
     clip = None if clip_tau is None else _Clip(z, v, eta, clip_tau, chunk_size, op)
-    ctx.args = (clip, None if forget == 1.0 else _Forget(forget, chunk_size), eta, chunk_size, block_size, op)
+    ctx.args = (chunk_size, eta, clip, None if forget == 1.0 else _Forget(forget, chunk_size), block_size, op)
     return ctx.args
 
 
-class _AddFastWeightTerm(torch.autograd.Function):
+class _ScanAdd(torch.autograd.Function):
     """out += eta * fast term, in place on out (any slow output, e.g. a LoRA layer's)."""
 
     @staticmethod
-    def forward(ctx, out, z, v, eta, chunk_size, block_size, clip_tau, forget):
+    def forward(ctx, z, v, out, chunk_size, eta, clip_tau, forget, block_size, kept_scores):
+        kept_scores = kept_scores if any(ctx.needs_input_grad[:2]) else 0
         with without_autocast(z.device):
-            scores = _add_fast_term_(out, z, v, *_setup(ctx, z, v, eta, chunk_size, block_size, clip_tau, forget),
-                                     keep_scores=any(ctx.needs_input_grad[1:3]))
+            scores = _scan_forward_(z, v, out, *_setup(ctx, z, v, chunk_size, eta, clip_tau, forget, block_size),
+                                    kept_scores)
         ctx.mark_dirty(out)
         ctx.save_for_backward(z, v, *scores)
         return out
@@ -282,20 +283,21 @@ class _AddFastWeightTerm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         z, v, *scores = ctx.saved_tensors
-        dz, dv, _ = _fast_term_backward(dout, z, v, scores, *ctx.args)
-        return dout, dz, dv, None, None, None, None, None
+        dz, dv, _ = _scan_backward(dout, z, v, scores, *ctx.args)
+        return dz, dv, dout, None, None, None, None, None, None
 
 
-class _TTTDownProjection(torch.autograd.Function):
+class _ScanDown(torch.autograd.Function):
     """Z W^T + eta * fast term: the whole down-projection, so that dZ is one tensor."""
 
     @staticmethod
-    def forward(ctx, z, v, weight, eta, chunk_size, block_size, clip_tau, forget):
+    def forward(ctx, z, v, weight, chunk_size, eta, clip_tau, forget, block_size, kept_scores):
+        kept_scores = kept_scores if any(ctx.needs_input_grad[:2]) else 0
         dtype = linear_dtype(z.device, weight.dtype)
         with without_autocast(z.device):
             out = F.linear(z.to(dtype), weight.to(dtype))
-            scores = _add_fast_term_(out, z, v, *_setup(ctx, z, v, eta, chunk_size, block_size, clip_tau, forget),
-                                     keep_scores=any(ctx.needs_input_grad[:2]))
+            scores = _scan_forward_(z, v, out, *_setup(ctx, z, v, chunk_size, eta, clip_tau, forget, block_size),
+                                    kept_scores)
         ctx.save_for_backward(z, v, weight, *scores)
         return out
 
@@ -303,10 +305,10 @@ class _TTTDownProjection(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         z, v, weight, *scores = ctx.saved_tensors
-        dz, dv, sums = _fast_term_backward(dout, z, v, scores, *ctx.args, weight=weight,
-                                           weight_grad=ctx.needs_input_grad[2])
+        dz, dv, sums = _scan_backward(dout, z, v, scores, *ctx.args, weight=weight,
+                                      weight_grad=ctx.needs_input_grad[2])
         grad_weight = _weight_grad(sums, dout, z, weight.dtype) if ctx.needs_input_grad[2] else None
-        return dz, dv, grad_weight, None, None, None, None, None
+        return dz, dv, grad_weight, None, None, None, None, None, None
 
 
 def _checked_block(block_size: int, chunk_size: int, forget: float, dtype: torch.dtype) -> int:
@@ -328,27 +330,28 @@ def check_forget(forget: float, name: str = "forget") -> None:
         raise ValueError(f"{name}={forget!r}: expected a number in (0, 1] (1: never forget), at least {MIN_FORGET}")
 
 
-def add_fast_weight_term_(out: torch.Tensor, z: torch.Tensor, v: torch.Tensor, eta: float,
-                          chunk_size: int, block_size: int, clip_tau: float | None = None,
-                          forget: float = 1.0) -> torch.Tensor:
+def scan_add_(z: torch.Tensor, v: torch.Tensor, out: torch.Tensor, chunk_size: int, eta: float,
+              clip_tau: float | None = None, forget: float = 1.0, *, block_size: int,
+              kept_scores: int = KEPT_SCORES) -> torch.Tensor:
     """out += eta * Z_i (sum_{j<i} forget^(i-1-j) c_j V_j^T Z_j)^T for every chunk i, in place; returns out.
 
-    out: [B, T, d] (the slow output, any float dtype); z: [B, T, h]; v: [B, T, d].
+    z: [B, T, h]; v: [B, T, d]; out: [B, T, d] (the slow output, any float dtype).
     c_j = tau / max(eta ||V_j^T Z_j||_F, tau) with tau = clip_tau (1 without a clip).
-    `block_size` is a multiple of `chunk_size`; >= T gives the pure dual form.
-    Differentiable in out, z and v.
+    `block_size` is a multiple of `chunk_size`; >= T gives the pure dual form. The
+    backward reuses the scores of blocks up to `kept_scores` positions, and recomputes
+    those of longer ones. Differentiable in z, v and out.
     """
     block_size = _checked_block(block_size, chunk_size, forget, v.dtype)
-    return _AddFastWeightTerm.apply(out, z, v, float(eta), chunk_size, block_size, clip_tau, float(forget))
+    return _ScanAdd.apply(z, v, out, chunk_size, float(eta), clip_tau, float(forget), block_size, kept_scores)
 
 
-def ttt_down_projection(z: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, eta: float,
-                        chunk_size: int, block_size: int, clip_tau: float | None = None,
-                        forget: float = 1.0) -> torch.Tensor:
-    """Z W^T plus the fast-weight term of `add_fast_weight_term_`: the layer's output.
+def scan_down(z: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, chunk_size: int, eta: float,
+              clip_tau: float | None = None, forget: float = 1.0, *, block_size: int,
+              kept_scores: int = KEPT_SCORES) -> torch.Tensor:
+    """Z W^T plus the fast-weight term of `scan_add_`: the layer's output.
 
-    Like `add_fast_weight_term_(F.linear(z, weight), ...)`, but dZ of both terms is
+    Like `scan_add_(z, v, F.linear(z, weight), ...)`, but dZ of both terms is
     summed in one buffer. z: [B, T, h]; v: [B, T, d]; weight: [d, h].
     """
     block_size = _checked_block(block_size, chunk_size, forget, v.dtype)
-    return _TTTDownProjection.apply(z, v, weight, float(eta), chunk_size, block_size, clip_tau, float(forget))
+    return _ScanDown.apply(z, v, weight, chunk_size, float(eta), clip_tau, float(forget), block_size, kept_scores)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import future_conv_targets
+from ...ops.inplace.target_conv import SPAN, future_conv_targets
 
 TargetInit = tp.Literal["warm", "next_token", "normal", "official"]
 TARGET_INITS: tuple[str, ...] = tp.get_args(TargetInit)
@@ -71,6 +71,6 @@ class LMAlignedTargets(nn.Module):
         """Apply W_target in the module's dtype (like any other linear of the model)."""
         return F.linear(conv_out.to(self.proj.weight.dtype), self.proj.weight)
 
-    def forward(self, x0: torch.Tensor, chunk_size: int) -> torch.Tensor:
-        """x0: [B, T, d] -> V: [B, T, d], chunk by chunk."""
-        return future_conv_targets(x0, self.conv, self.proj.weight, chunk_size, self.past)
+    def forward(self, x0: torch.Tensor, chunk_size: int, span: int = SPAN) -> torch.Tensor:
+        """x0: [B, T, d] -> V: [B, T, d], chunk by chunk (the conv summed `span` positions at a time)."""
+        return future_conv_targets(x0, self.conv, self.proj.weight, chunk_size, self.past, span)

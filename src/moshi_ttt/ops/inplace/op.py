@@ -1,20 +1,26 @@
 """In-Place TTT over whole sequences: the fast-weight part of the down-projection.
 
 The layer's output is the slow output `Z W0^T` plus the fast-weight term
-(`inplace_ttt_down`, or `add_inplace_ttt_` onto a slow output computed
+(`inplace_ttt_down`, or `inplace_ttt_add_` onto a slow output computed
 elsewhere, such as a LoRA layer's): for chunk i
 `eta * Z_i (lambda^i S0 + sum_{j<i} lambda^(i-1-j) c_j V_j^T Z_j)^T`: S0 the delta carried
 in from earlier calls (streaming), c_j the clip factor, lambda the forgetting factor
 (`forget`, 1: the fast weights keep every update).
+
+Both ops take (z, v, weight or out, chunk_size, eta, clip_tau, forget), then the form
+(algorithm, scan_block, kept_scores) and the state: S0 in (`initial_delta`), and out
+(`output_final_delta`) the delta after the call's n chunks,
+`lambda^n S0 + sum_{j<n} lambda^(n-1-j) c_j V_j^T Z_j`, which the next call carries in.
 """
 
 import typing as tp
 
 import torch
 
+from ..common import bmm_acc, compute_dtype, operand_dtype
 from .chunking import chunk_decay, chunk_delta_sq_norms, clip_scales, expand_chunk_values
-from .matmul import bmm_acc, compute_dtype, operand_dtype
-from .scan import add_fast_weight_term_, ttt_down_projection
+from .dual import KEPT_SCORES
+from .scan import scan_add_, scan_down
 
 Algorithm = tp.Literal["auto", "dual", "scan"]
 ALGORITHMS: tuple[str, ...] = tp.get_args(Algorithm)
@@ -56,7 +62,7 @@ def clipped_targets(
     """V with the rows of each chunk scaled by that chunk's clip factor (V itself without a clip).
 
     For streaming and diagnostics (float32 copies, no gradient economy); whole-sequence
-    training applies the clip inside `add_fast_weight_term_`.
+    training applies the clip inside `scan_add_`.
     """
     if clip_tau is None:
         return v
@@ -73,43 +79,81 @@ def inplace_ttt_down(
     chunk_size: int,
     eta: float,
     clip_tau: float | None = None,
+    forget: float = 1.0,
+    *,
     algorithm: Algorithm = "auto",
     scan_block: int | None = None,
-    forget: float = 1.0,
-) -> torch.Tensor:
+    kept_scores: int = KEPT_SCORES,
+    initial_delta: torch.Tensor | None = None,
+    output_final_delta: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The layer's down-projection `Z W0^T` plus the fast-weight term, [B, T, d] (differentiable).
 
-    z: [B, T, h] gated activations; v: [B, T, d] targets; weight: W0, [d, h];
-    algorithm, scan_block: see `block_size_for`.
+    weight: W0, [d, h]; the rest as in `inplace_ttt_add_`.
     """
     block = block_size_for(algorithm, z.shape[1], v.shape[-1], z.shape[-1], chunk_size, scan_block)
-    return ttt_down_projection(z, v, weight, eta, chunk_size, block, clip_tau, forget)
+    out = scan_down(z, v, weight, chunk_size, eta, clip_tau, forget, block_size=block, kept_scores=kept_scores)
+    return _with_state(z, v, out, chunk_size, eta, clip_tau, forget, initial_delta, output_final_delta)
 
 
-def add_inplace_ttt_(
-    out: torch.Tensor,
+def inplace_ttt_add_(
     z: torch.Tensor,
     v: torch.Tensor,
+    out: torch.Tensor,
     chunk_size: int,
     eta: float,
     clip_tau: float | None = None,
-    initial_delta: torch.Tensor | None = None,
+    forget: float = 1.0,
+    *,
     algorithm: Algorithm = "auto",
     scan_block: int | None = None,
-    forget: float = 1.0,
-) -> torch.Tensor:
-    """out += the fast-weight term, in place (differentiable); returns out.
+    kept_scores: int = KEPT_SCORES,
+    initial_delta: torch.Tensor | None = None,
+    output_final_delta: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """out += the fast-weight term, in place (differentiable); returns out, or
+    (out, final_delta) with `output_final_delta`.
 
-    out: [B, T, d] slow output; z: [B, T, h] gated activations; v: [B, T, d] targets;
+    z: [B, T, h] gated activations; v: [B, T, d] targets; out: [B, T, d] slow output;
+    algorithm, scan_block: see `block_size_for`; kept_scores: see `scan_add_`.
     initial_delta: [B, d, h] accumulated (clipped, not eta-scaled) deltas that precede
     position 0, if any (streaming, without gradient), read by chunk i as forget^i
-    initial_delta; algorithm, scan_block: see `block_size_for`.
+    initial_delta. final_delta: [B, d, h] float32 (float64), the same after the call's
+    chunks (a last partial one counts as a chunk).
     """
     block = block_size_for(algorithm, z.shape[1], v.shape[-1], z.shape[-1], chunk_size, scan_block)
-    out = add_fast_weight_term_(out, z, v, eta, chunk_size, block, clip_tau, forget)
+    out = scan_add_(z, v, out, chunk_size, eta, clip_tau, forget, block_size=block, kept_scores=kept_scores)
+    return _with_state(z, v, out, chunk_size, eta, clip_tau, forget, initial_delta, output_final_delta)
+
+
+def _with_state(z, v, out, chunk_size, eta, clip_tau, forget, initial_delta, output_final_delta):
+    """out plus the term of the carried delta, in place; and the final delta where asked for."""
+    op = operand_dtype(z.dtype, z.device)
     if initial_delta is not None:
-        carried = bmm_acc(z, initial_delta.transpose(1, 2), operand_dtype(z.dtype, z.device))
+        carried = bmm_acc(z, initial_delta.transpose(1, 2), op)
         if forget != 1.0:
             carried.mul_(chunk_decay(forget, chunk_size, z.shape[1]).to(carried.device, carried.dtype)[None, :, None])
         out.add_(carried, alpha=eta)
-    return out
+    if not output_final_delta:
+        return out
+    return out, _final_delta(z, v, chunk_size, eta, clip_tau, forget, initial_delta, op)
+
+
+def _final_delta(z, v, chunk_size, eta, clip_tau, forget, initial_delta, op) -> torch.Tensor:
+    """lambda^n initial_delta + sum_j lambda^(n-1-j) c_j V_j^T Z_j over the n chunks of z."""
+    T = z.shape[1]
+    n = -(-T // chunk_size)
+    scales = None
+    if clip_tau is not None:
+        sq_norms = chunk_delta_sq_norms(z, v, chunk_size)
+        scales = expand_chunk_values(clip_scales(sq_norms, eta, clip_tau), chunk_size, T)
+    if forget != 1.0:  # lambda^(n-1-j) at the positions of chunk j
+        decay = chunk_decay(forget, chunk_size, n * chunk_size).flip(0)[:T]
+        decay = decay.to(z.device, compute_dtype(v.dtype))[None, :, None]
+        scales = decay if scales is None else scales * decay
+    updates = bmm_acc((v if scales is None else v * scales).transpose(1, 2), z, op)
+    if initial_delta is None:
+        return updates
+    if forget == 1.0:
+        return initial_delta + updates
+    return initial_delta * forget ** n + updates

@@ -3,7 +3,7 @@
 A streaming step of In-Place TTT touches little data per operation, so its cost
 on a GPU is the number of kernels (moshi replays them in a CUDA graph, which
 removes the launch cost but not the per-kernel latency). These kernels do the
-same work as the PyTorch step in `modules.fast_weights`:
+same work as the PyTorch step in `modules.inplace.state`:
 
 1. `_prev_scores`: scores of the token against the previous chunk's Z.
 2. `_token_output`: `eta * (delta z + pending)`, the token's fast-weight term;

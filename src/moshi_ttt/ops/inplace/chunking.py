@@ -1,21 +1,12 @@
-"""Chunk-local pieces of In-Place TTT: chunk padding and the delta clip.
+"""Chunk-local pieces of In-Place TTT: the delta clip and the forgetting factor's powers.
 
 They act on whole chunks of `chunk_size` positions; a chunk never reads another
 chunk, which is what keeps the update of chunk i free of tokens after it.
 """
 
 import torch
-import torch.nn.functional as F
 
-from .matmul import bmm_acc, operand_dtype
-
-
-def pad_to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """[B, T, D] -> [B, n_chunks, chunk_size, D], zero-padding the last chunk."""
-    B, T, D = x.shape
-    n_chunks = -(-T // chunk_size)
-    x = F.pad(x, (0, 0, 0, n_chunks * chunk_size - T))
-    return x.view(B, n_chunks, chunk_size, D)
+from ..common import bmm_acc, operand_dtype
 
 
 def chunk_grams(z: torch.Tensor, v: torch.Tensor, start: int, end: int,

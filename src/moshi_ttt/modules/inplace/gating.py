@@ -9,7 +9,7 @@ pretrained layer loads as it is, plus the target generator `ttt_target`.
 
 (lambda, the forgetting factor, is 1 unless set: the fast weights then keep every update.)
 
-Outside streaming, whole sequences go through the dual form (`ops`); inside
+Outside streaming, whole sequences go through the dual form (`ops.inplace`); inside
 `streaming(...)`, every sample keeps its own fast weights (`FastWeightState`).
 """
 
@@ -21,9 +21,12 @@ from torch import nn
 from moshi.modules.gating import ActivationGating
 from moshi.modules.streaming import StreamingModule
 
-from ..ops import (ALGORITHMS, add_inplace_ttt_, check_forget, chunk_delta_sq_norms, clipped_targets,
-                   compute_dtype, inplace_ttt_down)
-from .fast_weights import FastWeightState
+from ...ops.common import compute_dtype
+from ...ops.inplace import (ALGORITHMS, KEPT_SCORES, check_forget, chunk_delta_sq_norms, clipped_targets,
+                            inplace_ttt_add_, inplace_ttt_down)
+from ...ops.inplace.target_conv import SPAN
+from ..fast_weight import FastWeightLayer, check_positive_int, document_spans
+from .state import FastWeightState
 from .targets import LMAlignedTargets, TargetInit
 
 
@@ -31,7 +34,7 @@ class TTTInactiveWarning(UserWarning):
     """Training sequences that fit in one chunk: TTT has no earlier chunk to learn from."""
 
 
-class InPlaceTTTGating(StreamingModule[FastWeightState]):
+class InPlaceTTTGating(FastWeightLayer, StreamingModule[FastWeightState]):
     """Gated MLP whose down-projection adapts chunk by chunk to the sequence.
 
     Args:
@@ -51,17 +54,24 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
             "auto" (the one with fewer operations for the length at hand).
         scan_block: positions per block of the scan (rounded down to whole chunks);
             None picks one from the layer's size (`ops.block_size_for`).
+        kept_scores: the longest block (positions) whose dual-form scores the backward
+            keeps from the forward; longer ones are recomputed (0: always).
+        conv_span: positions per float32 span of the target conv (rounded down to whole chunks).
     """
+
+    method = "inplace"
+    own_parameters = ("ttt_target",)  # linear_in and linear_out are Moshi's own
 
     def __init__(self, dim: int, hidden: int, activation: tp.Callable, *, chunk_size: int = 512,
                  eta: float = 1.0, kernel_size: int = 2, kernel_past: int = 0, clip_tau: float | None = None,
                  init: TargetInit = "warm", init_std: float = 0.02, algorithm: str = "auto",
-                 scan_block: int | None = None, forget: float = 1.0, device=None, dtype=None):
+                 scan_block: int | None = None, forget: float = 1.0, kept_scores: int = KEPT_SCORES,
+                 conv_span: int = SPAN, device=None, dtype=None):
         super().__init__()
-        _check_positive_int("dim", dim)
-        _check_positive_int("hidden", hidden)
-        _check_positive_int("chunk_size", chunk_size)
-        _check_positive_int("kernel_size", kernel_size)
+        check_positive_int("dim", dim)
+        check_positive_int("hidden", hidden)
+        check_positive_int("chunk_size", chunk_size)
+        check_positive_int("kernel_size", kernel_size)
         if not (eta >= 0 and eta < float("inf")):
             raise ValueError(f"eta={eta!r}: expected a finite number >= 0")
         if clip_tau is not None and not clip_tau > 0:
@@ -72,7 +82,10 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm={algorithm!r}: expected one of {ALGORITHMS}")
         if scan_block is not None:
-            _check_positive_int("scan_block", scan_block)
+            check_positive_int("scan_block", scan_block)
+        if isinstance(kept_scores, bool) or not isinstance(kept_scores, int) or kept_scores < 0:
+            raise ValueError(f"kept_scores={kept_scores!r}: expected an integer >= 0")
+        check_positive_int("conv_span", conv_span)
         self.dim = dim
         self.hidden = hidden
         self.linear_in = nn.Linear(dim, 2 * hidden, bias=False, device=device, dtype=dtype)
@@ -86,6 +99,8 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         self.forget = float(forget)
         self.algorithm = algorithm
         self.scan_block = scan_block
+        self.kept_scores = kept_scores
+        self.conv_span = conv_span
         self.ttt_enabled = True
         # Diagnostics: when a list, whole-sequence forwards append (Z, V) of every document.
         self.capture: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -168,7 +183,7 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
             documents = [[(slice(b, b + 1), slice(start, end)) for start, end in row] for b, row in enumerate(spans)]
         # Targets before Z: autograd runs the later-made nodes first, so the targets'
         # backward then comes after the gated MLP's, once its activations are freed.
-        targets = [[self.ttt_target(x0[doc], self.chunk_size) for doc in row] for row in documents]
+        targets = [[self.ttt_target(x0[doc], self.chunk_size, self.conv_span) for doc in row] for row in documents]
         z = self.gated(x)
         rows = [[self._document_output(z[doc], v) for doc, v in zip(row, row_targets)]
                 for row, row_targets in zip(documents, targets)]
@@ -180,12 +195,15 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
         """The output for whole documents that start at position 0, from Z and their targets."""
         if self.capture is not None:
             self.capture.append((z.detach(), v.detach()))
-        args = (self.chunk_size, self.eta, self.clip_tau)
-        form = dict(algorithm=self.algorithm, scan_block=self.scan_block, forget=self.forget)
+        args = (self.chunk_size, self.eta, self.clip_tau, self.forget)
         if type(self.linear_out) is nn.Linear and self.linear_out.bias is None:
-            return inplace_ttt_down(z, v, self.linear_out.weight, *args, **form)
+            return inplace_ttt_down(z, v, self.linear_out.weight, *args, **self._form())
         # Another slow layer (moshi's LoRA): its output, then the fast-weight term added in place.
-        return add_inplace_ttt_(self.linear_out(z), z, v, *args, **form)
+        return inplace_ttt_add_(z, v, self.linear_out(z), *args, **self._form())
+
+    def _form(self) -> dict:
+        """The ops' keywords that choose how the term is computed (not what it is)."""
+        return dict(algorithm=self.algorithm, scan_block=self.scan_block, kept_scores=self.kept_scores)
 
     def _streaming_update(self, z: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """Fast-weight term of a streaming step of any length."""
@@ -217,11 +235,12 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
     def _whole_chunks(self, state: FastWeightState, z: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """Chunk-aligned tokens of every sample at once, from the state's fast weights."""
         state.settle()
-        v = clipped_targets(z, self.ttt_target(x0, self.chunk_size), self.chunk_size, self.eta, self.clip_tau)
+        v = clipped_targets(z, self.ttt_target(x0, self.chunk_size, self.conv_span), self.chunk_size, self.eta,
+                            self.clip_tau)
         update = z.new_zeros(*z.shape[:2], self.dim, dtype=compute_dtype(z.dtype))
-        add_inplace_ttt_(update, z, v, self.chunk_size, self.eta, initial_delta=state.delta,
-                         algorithm=self.algorithm, scan_block=self.scan_block, forget=self.forget)
-        state.absorb(z, v)
+        _, final_delta = inplace_ttt_add_(z, v, update, self.chunk_size, self.eta, forget=self.forget, **self._form(),
+                                          initial_delta=state.delta, output_final_delta=True)
+        state.absorb(final_delta)
         return update
 
     def fast_weight_change_norms(self) -> torch.Tensor:
@@ -264,20 +283,3 @@ class InPlaceTTTGating(StreamingModule[FastWeightState]):
                 raise ValueError(f"segments has shape {tuple(segments.shape)}: expected {tuple(x.shape[:2])}")
             if self._streaming_state is not None:
                 raise ValueError("segments are for whole sequences; in streaming, use reset_streaming(mask)")
-
-
-def document_spans(segments: torch.Tensor | None, length: int) -> list[list[tuple[int, int]]]:
-    """[(start, end), ...] of the runs of equal document ids in each row (one span without ids)."""
-    if segments is None:
-        return [[(0, length)]]
-    change = (segments[:, 1:] != segments[:, :-1]).cpu()
-    spans = []
-    for row in change:
-        cuts = [0, *(row.nonzero().flatten() + 1).tolist(), length]
-        spans.append(list(zip(cuts[:-1], cuts[1:])))
-    return spans
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}: expected an integer >= 1")

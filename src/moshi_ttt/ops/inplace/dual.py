@@ -16,7 +16,7 @@ rows, so the caller writes every row of Y, dZ and dV once.
 
 import torch
 
-from .matmul import baddbmm_acc_, bmm_acc, compute_dtype
+from ..common import baddbmm_acc_, bmm_acc, compute_dtype
 
 
 def _acc(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, op: torch.dtype) -> torch.Tensor:
@@ -24,14 +24,14 @@ def _acc(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, op: torch.d
     return bmm_acc(a, b, op) if acc is None else baddbmm_acc_(acc, a, b, op)
 
 
-KEPT_SCORES = 4096  # the largest block (positions) whose L x L scores are kept
+KEPT_SCORES = 4096  # the default largest block (positions) whose L x L scores are kept
 
 
-def block_scores(batch: int, length: int, chunk_size: int, device: torch.device,
-                 op: torch.dtype) -> torch.Tensor | None:
+def block_scores(batch: int, length: int, chunk_size: int, device: torch.device, op: torch.dtype,
+                 kept_scores: int) -> torch.Tensor | None:
     """[B, L, L] buffer for a block's masked scores (only the blocks below the diagonal
-    are written), or None where they are recomputed: one chunk, or L > KEPT_SCORES."""
-    if length <= chunk_size or length > KEPT_SCORES:
+    are written), or None where they are recomputed: one chunk, or L > kept_scores."""
+    if length <= chunk_size or length > kept_scores:
         return None
     return torch.empty(batch, length, length, dtype=op, device=device)
 

@@ -15,13 +15,13 @@ copy of the sequence would be 16 KB a frame and the conv output 8 KB, against
 import torch
 import torch.nn.functional as F
 
-from .matmul import compute_dtype, linear_dtype, without_autocast
+from ..common import compute_dtype, linear_dtype, without_autocast
 
-SPAN = 2048  # positions per span (rounded to whole chunks)
+SPAN = 2048  # the default positions per span (rounded down to whole chunks)
 
 
-def _spans(length: int, chunk_size: int) -> list[slice]:
-    span = chunk_size * max(1, SPAN // chunk_size)
+def _spans(length: int, chunk_size: int, span: int) -> list[slice]:
+    span = chunk_size * max(1, span // chunk_size)
     return [slice(s, s + span) for s in range(0, length, span)]
 
 
@@ -48,36 +48,38 @@ def _tap_views(a: torch.Tensor, b: torch.Tensor, k: int, chunk_size: int):
         yield a[:, full:L - k], b[:, full + k:]
 
 
-def chunked_future_conv(x0: torch.Tensor, weight: torch.Tensor, chunk_size: int, past: int = 0) -> torch.Tensor:
+def chunked_future_conv(x0: torch.Tensor, weight: torch.Tensor, chunk_size: int, past: int = 0,
+                        span: int = SPAN) -> torch.Tensor:
     """Depthwise conv over positions t-P .. t+K-1-P (P = `past`), zero-padded at both ends
     of each chunk.
 
-    x0: [B, T, D] token embeddings; weight: [D, K], tap k reads position t+k-P.
-    Returns [B, T, D] in the dtype of the product of the inputs, summed in float32
-    (float64 for float64), taps in order. Not differentiable: `future_conv_targets` is.
+    x0: [B, T, D] token embeddings; weight: [D, K], tap k reads position t+k-P; span: the
+    positions summed in float32 at a time. Returns [B, T, D] in the dtype of the product
+    of the inputs, summed in float32 (float64 for float64), taps in order. Not
+    differentiable: `future_conv_targets` is.
     """
     out_dtype = torch.promote_types(x0.dtype, weight.dtype)
     w = weight.to(compute_dtype(out_dtype))
     out = torch.empty(x0.shape, dtype=out_dtype, device=x0.device)
-    for span in _spans(x0.shape[1], chunk_size):
-        x = x0[:, span]
+    for rows in _spans(x0.shape[1], chunk_size, span):
+        x = x0[:, rows]
         acc = torch.zeros(x.shape, dtype=w.dtype, device=x.device)
         for k in range(w.shape[1]):
             for dst, src in _tap_pairs(acc, x, k - past, chunk_size):
                 dst.addcmul_(src, w[:, k])
-        out[:, span] = acc
+        out[:, rows] = acc
     return out
 
 
 def _conv_backward(grad: torch.Tensor, x0: torch.Tensor, weight: torch.Tensor, chunk_size: int, past: int,
-                   need_x0: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+                   span: int, need_x0: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Gradients of `chunked_future_conv` in x0 (if needed) and weight, span by span."""
     cd = compute_dtype(grad.dtype)
     w = weight.to(cd)
     grad_w = torch.zeros(w.shape, dtype=cd, device=w.device)
     grad_x = torch.empty_like(x0) if need_x0 else None
-    for span in _spans(x0.shape[1], chunk_size):
-        x, g = x0[:, span].to(cd), grad[:, span].to(cd)
+    for rows in _spans(x0.shape[1], chunk_size, span):
+        x, g = x0[:, rows].to(cd), grad[:, rows].to(cd)
         for k in range(w.shape[1]):
             for g_t, x_tk in _tap_pairs(g, x, k - past, chunk_size):  # d out[t] / d w_k = x[t+k-P]
                 grad_w[:, k] += (g_t * x_tk).flatten(0, -2).sum(0)
@@ -86,47 +88,47 @@ def _conv_backward(grad: torch.Tensor, x0: torch.Tensor, weight: torch.Tensor, c
             for k in range(w.shape[1]):
                 for g_t, acc_tk in _tap_pairs(g, acc, k - past, chunk_size):  # x[t+k-P] reaches out[t]
                     acc_tk.addcmul_(g_t, w[:, k])
-            grad_x[:, span] = acc
+            grad_x[:, rows] = acc
     return grad_x, grad_w.to(weight.dtype)
 
 
 class _FutureConvTargets(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x0, conv_weight, proj_weight, chunk_size, past):
+    def forward(ctx, x0, conv_weight, proj_weight, chunk_size, past, span):
         ctx.save_for_backward(x0, conv_weight, proj_weight)
-        ctx.chunk_size, ctx.past = chunk_size, past
+        ctx.chunk_size, ctx.past, ctx.span = chunk_size, past, span
         dtype = linear_dtype(x0.device, proj_weight.dtype)
         with without_autocast(x0.device):
-            conv_out = chunked_future_conv(x0, conv_weight, chunk_size, past)
+            conv_out = chunked_future_conv(x0, conv_weight, chunk_size, past, span)
             return F.linear(conv_out.to(dtype), proj_weight.to(dtype))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x0, conv_weight, proj_weight = ctx.saved_tensors
-        C, past = ctx.chunk_size, ctx.past
+        C, past, span = ctx.chunk_size, ctx.past, ctx.span
         need_x0, need_conv, need_proj = ctx.needs_input_grad[:3]
         grad_x0 = grad_conv = grad_proj = None
         # In the output's dtype: under autocast it differs from float32 weights'.
         if need_proj:
-            conv_out = chunked_future_conv(x0, conv_weight, C, past).to(grad.dtype)
+            conv_out = chunked_future_conv(x0, conv_weight, C, past, span).to(grad.dtype)
             grad_proj = grad.flatten(0, -2).transpose(0, 1) @ conv_out.flatten(0, -2)
             del conv_out
         if need_x0 or need_conv:
             grad_x0, grad_conv = _conv_backward(grad @ proj_weight.to(grad.dtype), x0, conv_weight, C, past,
-                                                need_x0)
-        return grad_x0, grad_conv, grad_proj, None, None
+                                                span, need_x0)
+        return grad_x0, grad_conv, grad_proj, None, None, None
 
 
 def future_conv_targets(x0: torch.Tensor, conv_weight: torch.Tensor, proj_weight: torch.Tensor,
-                        chunk_size: int, past: int = 0) -> torch.Tensor:
+                        chunk_size: int, past: int = 0, span: int = SPAN) -> torch.Tensor:
     """V = chunked_future_conv(x0) W_target^T, [B, T, d] in W_target's dtype, or autocast's
     where it is on (differentiable).
 
     The conv output is rounded to that dtype before the projection, as a linear
     layer of the model would see it.
     """
-    return _FutureConvTargets.apply(x0, conv_weight, proj_weight, chunk_size, past)
+    return _FutureConvTargets.apply(x0, conv_weight, proj_weight, chunk_size, past, span)
 
 
 def future_conv_partial_rows(window: torch.Tensor, weight: torch.Tensor, past: int = 0) -> torch.Tensor:
