@@ -3,8 +3,10 @@
 Compares, in one run on one device: moshi's ActivationGating (plain), our
 InPlaceTTTGating with each exact form (dual; the block scan with several block
 sizes; and the automatic choice),
-and a reference that materialises one float32 weight per chunk, as the earlier
-codebase (and the paper's code) computed it. Ratios are to the plain MLP.
+a reference that materialises one float32 weight per chunk, as the earlier
+codebase (and the paper's code) computed it, and the second method, a TTT-MLP block
+(Sun et al. 2024; as many heads as Moshi's attention, mini-batches of 16) with its scan
+checkpointed in groups of 16 mini-batches and without checkpoints. Ratios are to the plain MLP.
 
     python bench/layer.py                    # Moshi's size on the GPU: d=4096, h=11264, C=512, bf16
     python bench/layer.py --size small       # CPU-sized: d=256, h=704, C=64, float32
@@ -27,14 +29,15 @@ from moshi.modules.gating import ActivationGating
 sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, markdown_table, peak_memory_gib, time_ms, write_results  # noqa: E402
 
-from moshi_ttt import InPlaceTTTGating  # noqa: E402
+from moshi_ttt import InPlaceTTTGating, TTTMLPBlock  # noqa: E402
 from moshi_ttt.ops import block_size_for  # noqa: E402
 from moshi_ttt.ops.common import pad_to_chunks  # noqa: E402
 
 SIZES = {
     "moshi": dict(dim=4096, dim_feedforward=int(4.125 * 4096), chunk=512, lengths=[3072, 12288, 49152],
-                  dtype="bfloat16"),
-    "small": dict(dim=256, dim_feedforward=int(4.125 * 256), chunk=64, lengths=[512, 2048], dtype="float32"),
+                  dtype="bfloat16", heads=32),
+    "small": dict(dim=256, dim_feedforward=int(4.125 * 256), chunk=64, lengths=[512, 2048], dtype="float32",
+                  heads=4),
 }
 
 
@@ -127,6 +130,12 @@ def main() -> None:
                                      layer, x, x0, grad_out, device)
         measured["materialized"] = measure(lambda m=layer: materialized_ttt(m, x, x0), layer, x, x0, grad_out, device)
         del layer
+        block = TTTMLPBlock(size["dim"], size["heads"], torch.nn.LayerNorm(size["dim"], device=device, dtype=dtype),
+                            device=device, dtype=dtype).train()
+        for name, group in (("ttt-mlp", block.checkpoint_group), ("ttt-mlp-no-checkpoint", 0)):
+            block.checkpoint_group = group
+            measured[name] = measure(lambda m=block: m(x), block, x, x0, grad_out, device)
+        del block
         plain_ms, plain_gib, plain_flops = measured["plain"]
         for name, (ms, gib, flops) in measured.items():
             entry = {"T": T, "impl": name, "ms": ms, "peak_gib": gib,

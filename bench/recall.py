@@ -1,4 +1,4 @@
-"""Recall benchmark: does In-Place TTT remember facts that attention has lost, and what makes it learn?
+"""Recall benchmark: does TTT remember facts that attention has lost, and what makes it learn?
 
 Every model is trained by `moshi-ttt train` on the built-in synthetic documents and scored on
 held-out ones (`moshi_ttt.eval.recall`); every TTT result has, beside it, a model trained the
@@ -20,8 +20,11 @@ same way without TTT. Sections (all by default):
                what each of its ingredients does on its own
     lmgen      the main job's model generating with moshi's LMGen for 100,000 frames (one
                conversation, random user audio): every output finite, the fast-weight norms bounded
+    methods    In-Place TTT (the main job) against TTT-MLP blocks (Sun et al. 2024) trained with the
+               same recipe on the same layer, and their baseline: recall per document and over a
+               stream, text loss, training time
 
-Every section but `stream` starts from the per-document recipe (ONE_DOCUMENT: the main job
+Every section but `stream` and `methods` starts from the per-document recipe (ONE_DOCUMENT: the main job
 before it learned to hold a memory over a stream; every document from fresh fast weights).
 
     python bench/recall.py                       # everything (about an hour on 2 CPU cores)
@@ -50,11 +53,11 @@ import yaml  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from moshi_ttt.eval.recall import answer_questions, attention_reach, summarize, synthetic_recall_set  # noqa: E402
-from moshi_ttt.models import load_lm  # noqa: E402
+from moshi_ttt.models import TTTConfig, load_lm  # noqa: E402
 from moshi_ttt.train import TrainConfig, train  # noqa: E402
 
 SECTIONS = ("main", "seeds", "distance", "capacity", "position", "retrofit", "speaker", "ablations", "stream",
-            "lmgen")
+            "lmgen", "methods")
 # The per-document recipe, from the main job's defaults: one document a row, never forgetting.
 ONE_DOCUMENT = {"reset_fast_weights": "document", "stream_from_step": 0, "batch_size": 8, "max_steps": 1200,
                 "ttt": {"forget": 1.0}, "data": {"synthetic": {"documents_per_row": 1}}}
@@ -239,9 +242,7 @@ def stream_change(bench: Bench, **change) -> dict[str, tp.Any]:
 def stream_section(bench: Bench, out: Path) -> dict[str, tp.Any]:
     """Each model over streams of held-out documents, never reset: the main job, its baseline, and
     each ingredient alone (forgetting without streams, streams without forgetting)."""
-    from moshi_ttt.eval.stream_recall import stream_documents, stream_recall, text_loss_excess, write_stream_recall
     forget = bench.streams["ttt"]["forget"]
-    task = TrainConfig.from_dict(bench.base).data.synthetic
     runs = {
         f"main job: streams, forget {forget}": ("stream", stream_change(bench)),
         "baseline trained alike without TTT": ("stream-baseline", stream_change(bench, baseline=True)),
@@ -257,25 +258,54 @@ def stream_section(bench: Bench, out: Path) -> dict[str, tp.Any]:
     }
     results: dict[str, tp.Any] = {}
     for length, documents in (("20k", 125), ("100k", 625)):
-        scored = {}
-        for label, (name, change) in runs.items():
-            if length == "100k" and name not in ("stream", "stream-baseline", "main"):
-                continue
-            record = bench.run(name, change)
-            lm = load_lm(bench.work / name / "final", dtype=torch.float32).eval()
-            recall_set = bench.held_out(lm, 4 * documents)
-            window = bench.base["tiny"]["context"]  # one attention context at a time, for every model
-            scored[label] = stream_recall(lm, stream_documents(recall_set, documents), window)
-            scored[label]["per_document_recall"] = record["recall"][next(iter(record["recall"]))]["accuracy"]
-        write_stream_recall(scored, out / f"recall_stream_{length}")
-        for label in scored:
-            for baseline in ("baseline trained alike without TTT", "baseline of that"):
-                if baseline in scored and baseline != label:
-                    scored[label].setdefault("text_loss_excess", {})[baseline] = text_loss_excess(
-                        scored, label, baseline, task.frames)
-        results[length] = {label: {k: v for k, v in s.items() if k not in ("text_loss", "fast_weight_norms")}
-                           for label, s in scored.items()}
+        kept = {label: run for label, run in runs.items()
+                if length == "20k" or run[0] in ("stream", "stream-baseline", "main")}
+        results[length] = score_streams(bench, kept, documents, out / f"recall_stream_{length}",
+                                        ("baseline trained alike without TTT", "baseline of that"))
     return results
+
+
+def score_streams(bench: Bench, runs: dict[str, tuple[str, dict | None]], documents: int, out: Path,
+                  baselines: tuple[str, ...]) -> dict[str, tp.Any]:
+    """Each run's model over 4 streams of `documents` held-out documents without a reset, written to
+    `out`; every model's text loss against each of `baselines`."""
+    from moshi_ttt.eval.stream_recall import stream_documents, stream_recall, text_loss_excess, write_stream_recall
+    task = TrainConfig.from_dict(bench.base).data.synthetic
+    scored = {}
+    for label, (name, change) in runs.items():
+        record = bench.run(name, change)
+        lm = load_lm(bench.work / name / "final", dtype=torch.float32).eval()
+        recall_set = bench.held_out(lm, 4 * documents)
+        window = bench.base["tiny"]["context"]  # one attention context at a time, for every model
+        scored[label] = stream_recall(lm, stream_documents(recall_set, documents), window)
+        scored[label]["per_document_recall"] = record["recall"][next(iter(record["recall"]))]["accuracy"]
+        scored[label]["train_s"] = record["train_s"]
+    write_stream_recall(scored, out)
+    for label in scored:
+        for baseline in baselines:
+            if baseline in scored and baseline != label:
+                scored[label].setdefault("text_loss_excess", {})[baseline] = text_loss_excess(
+                    scored, label, baseline, task.frames)
+    return {label: {k: v for k, v in s.items() if k not in ("text_loss", "fast_weight_norms")}
+            for label, s in scored.items()}
+
+
+# TTT-MLP on the main job's layer: the paper's settings (mini-batch 16, base lr 0.1), then a larger inner lr.
+TTT_MLP_RUNS = (("TTT-MLP, base lr 0.1 (the paper's)", "ttt-mlp", {}),
+                ("TTT-MLP, base lr 1.0", "ttt-mlp-lr1", {"base_lr": 1.0}))
+
+
+def methods_section(bench: Bench, out: Path) -> dict[str, tp.Any]:
+    """In-Place TTT and TTT-MLP, each trained with the main job's recipe (streams of four
+    documents after the first two thirds of the steps) on the same layer, and their baseline."""
+    forget = bench.streams["ttt"]["forget"]
+    runs = {f"In-Place TTT (main job, forget {forget})": ("stream", stream_change(bench))}
+    for label, name, settings in TTT_MLP_RUNS:
+        change = stream_change(bench)
+        change["ttt"] = TTTConfig(method="ttt_mlp", layers=bench.streams["ttt"]["layers"], **settings).to_dict()
+        runs[label] = (name, change)
+    runs["baseline trained alike without TTT"] = ("stream-baseline", stream_change(bench, baseline=True))
+    return {"20k": score_streams(bench, runs, 125, out / "recall_methods", ("baseline trained alike without TTT",))}
 
 
 def lmgen_section(bench: Bench, frames: int = 100_000, every: int = 1000) -> dict[str, tp.Any]:
@@ -343,14 +373,16 @@ def write_tables(results: dict[str, tp.Any], path: Path) -> None:
         lines += ["## Text loss at the answer frames (documents twice as long, streamed)", "", markdown_table(
             ["frame"] + names, [[a] + [f"{p[n]['text_loss_at_answers'][a]:.3f}" for n in names] for a in answers]),
             "", "![loss by position](recall_position/loss_by_position.png)", ""]
-    if "stream" in results:
-        for length, scored in results["stream"].items():
+    for section, title, plots in (("stream", "Recall over a stream", "recall_stream_{}"),
+                                  ("methods", "In-Place TTT and TTT-MLP: recall over a stream", "recall_methods")):
+        for length, scored in results.get(section, {}).items():
             first = next(iter(scored.values()))
-            lines += [f"## Recall over a stream of {first['documents_per_stream']} documents ({first['frames']} "
+            lines += [f"## {title} of {first['documents_per_stream']} documents ({first['frames']} "
                       "frames, no reset)", "", markdown_table(
-                          ["model", "per document %", "first %", "last %", "last quarter %", "text CE",
+                          ["model", "train s", "per document %", "first %", "last %", "last quarter %", "text CE",
                            "worst text-loss excess (nats, over one document)", "max norm W - W0"],
-                          [[label, f"{100 * s['per_document_recall']:.1f}",
+                          [[label, f"{s['train_s']:.0f}" if "train_s" in s else "-",
+                            f"{100 * s['per_document_recall']:.1f}",
                             f"{100 * s['first_document']['accuracy']:.1f}",
                             f"{100 * s['last_document']['accuracy']:.1f}", f"{100 * s['last_quarter']['accuracy']:.1f}",
                             f"{s['text_loss_mean']:.3f}",
@@ -359,7 +391,7 @@ def write_tables(results: dict[str, tp.Any], path: Path) -> None:
                             ", ".join(f"{v:.3g}" for v in s["fast_weight_norm_max"].values()) or "-"]
                            for label, s in scored.items()]), "",
                       f"Chance {100 * first['chance']:.1f}%. "
-                      f"![recall over a stream](recall_stream_{length}/recall_stream.png)", ""]
+                      f"![recall over a stream]({plots.format(length)}/recall_stream.png)", ""]
     if "lmgen" in results:
         g = results["lmgen"]
         lines += [f"## LMGen over {g['frames']} frames (one conversation, the main job's model)", "",
@@ -444,15 +476,23 @@ def main() -> None:
     needs_main = {"distance", "capacity", "position", "retrofit"} & set(args.sections)
     sections = list(dict.fromkeys((["main"] if needs_main else []) + args.sections))
     bench = Bench(args.work, args.steps, args.documents, args.fresh)
-    results: dict[str, tp.Any] = {"environment": environment(torch.device("cpu")), "default": bench.base}
+    # The sections not run keep their earlier results; each run section records its environment.
+    previous = args.out / "recall.json"
+    results: dict[str, tp.Any] = json.loads(previous.read_text()) if previous.is_file() else {}
+    for section in SECTIONS:
+        if section in results and "environment" in results:
+            results.setdefault(f"{section}_environment", results["environment"])
+    results.update(environment=environment(torch.device("cpu")), default=bench.base)
     runners = {"main": main_section, "seeds": seeds_section, "distance": distance_section, "capacity": capacity_section,
                "position": lambda b: position_section(b, args.out), "retrofit": retrofit_section,
                "speaker": speaker_section, "ablations": ablation_section,
-               "stream": lambda b: stream_section(b, args.out), "lmgen": lmgen_section}
+               "stream": lambda b: stream_section(b, args.out), "lmgen": lmgen_section,
+               "methods": lambda b: methods_section(b, args.out)}
     args.out.mkdir(parents=True, exist_ok=True)
     for section in sections:
         print(f"== {section}", flush=True)
         results[section] = runners[section](bench)
+        results[f"{section}_environment"] = results["environment"]
         write_results(args.out / "recall.json", results)
         write_tables(results, args.out / "recall.md")
     for path in plot(results, args.out):

@@ -151,8 +151,8 @@ def model_dir(tmp_path):
 
 
 def encoder_for(model_dir):
+    from moshi_ttt.data.tokenize import AudioTokenizer
     from moshi_ttt.models import checkpoint_info
-    from moshi_ttt.train.tokenize import AudioTokenizer
     return AudioTokenizer.from_checkpoint_info(checkpoint_info(model_dir))
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from moshi_ttt import build_lm, tiny_lm_config
+from moshi_ttt.data.synthetic import Fact, SyntheticDocuments
 from moshi_ttt.eval.recall import (Answer, RecallSet, _score, answer_questions, summarize, synthetic_recall_set,
                                    verdict, write_recall)
-from moshi_ttt.train.synthetic import Fact, SyntheticDocuments
 
 LAYOUT = dict(num_codebooks=5, dep_q=2, card=64, text_card=120, text_padding_id=3)
 
@@ -206,7 +206,7 @@ def test_the_recall_benchmark_runs_and_resumes(tmp_path):
 
 def test_annotated_code_files_score_as_the_synthetic_documents(tmp_path):
     from moshi_ttt.eval.recall import code_recall_set
-    from moshi_ttt.train.code_files import write_codes
+    from moshi_ttt.data.code_files import write_codes
     lm = build_lm(tiny_lm_config(context=16)).eval()
     synthetic = synthetic_recall_set(lm, documents=3, frames=60, pairs=3, spacing=4)
     entries = {}

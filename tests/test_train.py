@@ -146,7 +146,7 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 ])
 def test_bad_config_names_the_field(data, match):
     if match is None:
-        from moshi_ttt.train.synthetic import SyntheticDocuments
+        from moshi_ttt.data.synthetic import SyntheticDocuments
         with pytest.raises(ValueError, match=r"data.synthetic.frames=10: too short"):
             SyntheticDocuments(4, 10, 6, num_codebooks=5, dep_q=2, card=64, text_card=120, text_padding_id=3,
                                spacing=16)
@@ -323,7 +323,7 @@ def test_rows_without_reset_share_fast_weights(tmp_path, monkeypatch):
 
 
 def test_documents_of_varied_length():
-    from moshi_ttt.train.synthetic import SyntheticDocuments
+    from moshi_ttt.data.synthetic import SyntheticDocuments
     docs = SyntheticDocuments(32, 64, 3, num_codebooks=5, dep_q=2, card=64, text_card=120, text_padding_id=3,
                               spacing=8, max_frames=96)
     lengths = [docs.num_frames(i) for i in range(32)]
@@ -393,8 +393,8 @@ def test_keep_last_never_deletes_the_checkpoint_just_written(tmp_path):
 def test_a_trained_model_points_to_the_mimi_and_tokenizer_it_was_trained_with(tmp_path):
     """final/ of a run from a checkpoint with Mimi and a tokenizer serves and evaluates as it is."""
     from assets import write_plain_checkpoint
+    from moshi_ttt.data.tokenize import AudioTokenizer
     from moshi_ttt.models import checkpoint_info
-    from moshi_ttt.train.tokenize import AudioTokenizer
     source = write_plain_checkpoint(tmp_path / "plain", with_assets=True)
     run = config(tmp_path, model=str(source), mode="ttt", max_steps=1, ckpt_freq=1, tiny={})
     train(run)

@@ -8,11 +8,11 @@ import sphn
 import torch
 
 from assets import random_mimi, write_plain_checkpoint, write_tokenizer
+from moshi_ttt.data.code_files import CodeFiles, tokenize_command
+from moshi_ttt.data.finetune_data import FinetuneConversations, text_stream
 from moshi_ttt.models import checkpoint_info
 from moshi_ttt.train import TrainConfig, train
 from moshi_ttt.train.batches import SequenceBatcher
-from moshi_ttt.train.code_files import CodeFiles, tokenize_command
-from moshi_ttt.train.finetune_data import FinetuneConversations, text_stream
 
 SR = 24000
 

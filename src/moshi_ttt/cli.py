@@ -38,7 +38,7 @@ def run(command: str, rest: list[str]) -> None:
         from .train.command import train_command
         train_command(rest)
     elif command == "tokenize":
-        from .train.code_files import tokenize_command
+        from .data.code_files import tokenize_command
         tokenize_command(rest)
     elif command == "eval":
         from .eval.command import eval_command

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..utils.audio import read_audio as load_audio
+from ..data.audio import read_audio as load_audio
 from ..models.streams import scored_alone
 
 

@@ -246,14 +246,14 @@ def _load(source: str, device: str, dtype):
 
 
 def _audio_tokenizer(info, lm, args):
-    from ..train.tokenize import AudioTokenizer
+    from ..data.tokenize import AudioTokenizer
     if args.mimi_weight is not None:
         info.mimi_weights = args.mimi_weight
     return AudioTokenizer.from_checkpoint_info(info, device=args.device, user=args.user, text=args.text)
 
 
 def _documents(args, lm, tokenizer) -> list:
-    from ..train.code_files import CodeFiles, audio_files
+    from ..data.code_files import CodeFiles, audio_files
     documents = []
     if args.long_codes is not None:
         files = CodeFiles(args.long_codes, lm.num_codebooks)

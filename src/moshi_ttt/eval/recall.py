@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..train.synthetic import Fact, SyntheticDocuments
+from ..data.synthetic import Fact, SyntheticDocuments
 from ..utils.atomic import atomic_file
 
 # Distance bin edges, in attention contexts.
@@ -81,7 +81,7 @@ def code_recall_set(directory: str | Path, num_codebooks: int) -> RecallSet:
     the frame whose text token is the value; `num_values` the number of possible values
     (chance is its inverse). Documents without an entry are not scored.
     """
-    from ..train.code_files import CodeFiles
+    from ..data.code_files import CodeFiles
     files = CodeFiles(directory, num_codebooks)
     path = Path(directory) / FACTS_FILE
     if not path.is_file():

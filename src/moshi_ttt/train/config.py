@@ -42,7 +42,7 @@ class LoraConfig:
 @dataclass
 class SyntheticConfig:
     """Documents whose answers depend on facts stated beyond the attention context
-    (`train/synthetic.py`); held-out documents of the same kind score recall."""
+    (`data/synthetic.py`); held-out documents of the same kind score recall."""
     num_documents: int = 4096
     frames: int = 160
     pairs: int = 6

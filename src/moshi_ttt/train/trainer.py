@@ -75,14 +75,14 @@ def build_model(config: TrainConfig, device: torch.device) -> LMModel:
 def build_source(config: TrainConfig, lm: LMModel) -> DocumentSource:
     data = config.data
     if data.source == "synthetic":
-        from .synthetic import SyntheticDocuments
+        from ..data.synthetic import SyntheticDocuments
         return SyntheticDocuments(data.synthetic.num_documents, num_codebooks=lm.num_codebooks, dep_q=lm.dep_q,
                                   card=lm.card, text_card=lm.text_card, text_padding_id=lm.text_padding_token_id,
                                   seed=config.seed, max_frames=data.synthetic.max_frames, **data.synthetic.layout())
     if data.source == "codes":
-        from .code_files import CodeFiles
+        from ..data.code_files import CodeFiles
         return CodeFiles(data.train_data, lm.num_codebooks)
-    from .finetune_data import FinetuneConversations
+    from ..data.finetune_data import FinetuneConversations
     if config.model == "tiny":
         raise ValueError("data.source='finetune' needs a model checkpoint (its Mimi and text tokenizer), "
                          "not model='tiny'")

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from moshi.models import loaders
 
-from ..utils.audio import read_audio
+from .audio import read_audio
 
 
 class AudioTokenizer:

@@ -20,7 +20,7 @@ import numpy as np
 import sentencepiece
 import torch
 
-from ..utils.audio import read_audio
+from .audio import read_audio
 
 MAIN_SPEAKER = "SPEAKER_MAIN"
 
