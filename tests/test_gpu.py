@@ -122,3 +122,37 @@ def test_autocast_with_float32_weights_on_cuda(algorithm):
     for full, mixed in zip(*grads):
         assert mixed.dtype == torch.float32
         assert (mixed - full).abs().max() <= 0.05 * full.abs().max()
+
+
+def cuda_block(dtype, mini_batch=4):
+    from moshi_ttt import TTTMLPBlock
+    torch.manual_seed(0)
+    block = TTTMLPBlock(64, 4, torch.nn.LayerNorm(64, device="cuda", dtype=dtype), mini_batch=mini_batch,
+                        base_lr=1.0, conv_kernel=4, gate_init=0.5, device="cuda", dtype=dtype)
+    return block.eval()
+
+
+def test_ttt_mlp_bf16_matches_float64():
+    block = cuda_block(torch.bfloat16)
+    x = torch.randn(3, 5 * 4 + 3, 64, device="cuda", dtype=torch.bfloat16)
+    ref = block.double()(x.double())
+    block.bfloat16()
+    for out in (block(x), _block_stream(block, x)):
+        assert (out.double() - ref).abs().max() <= 0.03 * ref.abs().max()
+
+
+def _block_stream(block, x):
+    with block.streaming(x.shape[0]):
+        return torch.cat([block(x[:, t:t + 1]) for t in range(x.shape[1])], dim=1)
+
+
+def test_ttt_mlp_step_under_cuda_graph():
+    """The TTT-MLP token step captured once and replayed: every mini-batch update must still happen."""
+    block = cuda_block(torch.float32)
+    x = torch.randn(2, 6 * 4 + 3, 64, device="cuda")
+    eager = _block_stream(block, x)
+    step = CUDAGraphed(block)
+    with block.streaming(2):
+        graphed = torch.cat([step(x[:, t:t + 1]).clone() for t in range(x.shape[1])], dim=1)
+        assert step._graph is not None
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)

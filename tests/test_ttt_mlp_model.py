@@ -1,6 +1,8 @@
 """TTT-MLP blocks in a Moshi, alone and beside In-Place TTT layers: exact start, streaming,
 causality, resets, checkpoints and training modes."""
 
+import json
+
 import pytest
 import torch
 from moshi.models.lm import LMGen
@@ -163,3 +165,61 @@ def test_config_errors():
         TTTConfig(method="linear")
     with pytest.raises(ValueError, match="transformer layer 2 is chosen by ttt config 0"):
         apply_ttt(build_lm(tiny_lm_config()), [TTTConfig(layers=[2]), TTTConfig(method="ttt_mlp", layers=[2])])
+
+
+def test_diagnostics_of_both_methods():
+    from moshi_ttt.eval import ttt_diagnostics
+    lm = build_lm(tiny_lm_config(), MIXED).eval()
+    results = ttt_diagnostics(lm, random_codes(lm, 2, 4 * B + 2))
+    assert set(results) == {"transformer.layers.0.gating", "transformer.layers.1.ttt_mlp",
+                            "transformer.layers.2.gating", "transformer.layers.3.ttt_mlp"}
+    mlp = results["transformer.layers.1.ttt_mlp"]
+    assert len(mlp["l0"]) == 4  # whole mini-batches
+    assert mlp["l0"][0] == pytest.approx(mlp["lprev"][0])  # the first mini-batch reads the initial weights
+    assert all(after != before for after, before in zip(mlp["lafter"], mlp["lprev"]))  # every update acts
+    assert mlp["accumulated_norm"][0] == pytest.approx(mlp["update_norm"][0])
+
+
+def test_eval_command_on_a_mixed_model(tmp_path):
+    import shutil
+    from assets import write_plain_checkpoint
+    from test_eval import write_wav
+    from moshi_ttt.eval.command import eval_command
+    plain = write_plain_checkpoint(tmp_path / "plain", with_assets=True)
+    save_ttt_lm(load_ttt_lm(plain, MIXED, dtype=torch.float32), tmp_path / "ttt")
+    for name in ("mimi.safetensors", "mimi_config.json", "tokenizer.model"):
+        shutil.copy(plain / name, tmp_path / "ttt" / name)
+    for i in range(2):
+        write_wav(tmp_path / "long" / f"book{i}.wav", 4.0 + i, 10 + i)
+    results = eval_command(["--model", str(tmp_path / "ttt"), "--out", str(tmp_path / "out"),
+                            "--long-audio", str(tmp_path / "long"), "--diagnostics-frames", "40",
+                            "--device", "cpu", "--dtype", "float32"])
+    assert results["activity"]["ttt"]["active"]
+    assert set(results["activity"]["ttt"]["layers"]) == {"transformer.layers.0.gating", "transformer.layers.1.ttt_mlp",
+                                                        "transformer.layers.2.gating", "transformer.layers.3.ttt_mlp"}
+    assert set(results["diagnostics"]["ttt"]) == set(results["activity"]["ttt"]["layers"])
+    assert (tmp_path / "out" / "diagnostics_ttt_transformer_layers_1_ttt_mlp.png").is_file()
+
+
+def test_training_a_saved_mixed_model_keeps_or_retunes_its_settings(tmp_path):
+    """From a saved model that mixes methods: no ttt section keeps every setting; a ttt section
+    retunes the layers of its method (here the first config's); a structural change is an error."""
+    from test_train import SMALL
+    from moshi_ttt.train import TrainConfig, train
+
+    def config(name, **overrides):
+        data = {k: v for k, v in SMALL.items() if k != "ttt"}
+        return TrainConfig.from_dict({**data, "model": str(tmp_path / "mixed"), "mode": "ttt", "max_steps": 1,
+                                      "ckpt_freq": 1, "run_dir": str(tmp_path / name), **overrides})
+    save_ttt_lm(build_lm(tiny_lm_config(context=16), MIXED), tmp_path / "mixed")
+    kept = config("kept")
+    train(kept)
+    written = json.loads((tmp_path / "kept" / "final" / "config.json").read_text())["ttt"]
+    assert written == [c.to_dict() for c in MIXED]
+    retuned = config("retuned", ttt={"eta": 0.2})
+    train(retuned)
+    written = json.loads((tmp_path / "retuned" / "final" / "config.json").read_text())["ttt"]
+    assert written[0]["eta"] == 0.2 and written[1] == MIXED[1].to_dict()
+    moved = config("moved", ttt={"layers": [0, 1]})
+    with pytest.raises(ValueError, match="structure cannot change"):
+        train(moved)

@@ -17,8 +17,8 @@ _FROM_MODULE = {
     "InPlaceTTTGating": ".modules", "LMAlignedTargets": ".modules", "TTTInactiveWarning": ".modules",
     "TTTMLPBlock": ".modules",
     **{name: ".models" for name in ("TTTConfig", "apply_ttt", "build_lm", "document_segments", "load_ttt_lm",
-                                    "load_ttt_weights", "save_moshi_lm", "save_ttt_lm", "save_ttt_weights", "set_ttt_enabled",
-                                    "tiny_lm_config", "tiny_mimi_config", "ttt_layers")},
+                                    "load_ttt_weights", "save_moshi_lm", "save_ttt_lm", "save_ttt_weights",
+                                    "set_ttt_enabled", "tiny_lm_config", "tiny_mimi_config", "ttt_layers")},
 }
 __all__ = sorted(_FROM_MODULE)
 __version__ = "0.1.0"

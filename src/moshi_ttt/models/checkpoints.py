@@ -139,7 +139,7 @@ def load_lm(source: str | Path, *, device: torch.device | str = "cpu",
     return load(source, device=device, dtype=dtype)
 
 
-def load_ttt_lm(source: str | Path, ttt: TTTConfig | None = None, *,
+def load_ttt_lm(source: str | Path, ttt: TTTConfig | tp.Sequence[TTTConfig] | None = None, *,
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
                 moshi_weights: str | Path | None = None, config_path: str | Path | None = None,
                 ) -> LMModel:
@@ -153,7 +153,7 @@ def load_ttt_lm(source: str | Path, ttt: TTTConfig | None = None, *,
     return lm_from_checkpoint_info(info, ttt, device=device, dtype=dtype)
 
 
-def lm_from_checkpoint_info(info: loaders.CheckpointInfo, ttt: TTTConfig | None = None, *,
+def lm_from_checkpoint_info(info: loaders.CheckpointInfo, ttt: TTTConfig | tp.Sequence[TTTConfig] | None = None, *,
                             device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
                             **get_moshi_kwargs: tp.Any) -> LMModel:
     """`load_ttt_lm` from a moshi `CheckpointInfo` (as moshi's own scripts build it)."""

@@ -140,11 +140,14 @@ _LAYER_ATTRIBUTE = {"scan_group": "checkpoint_group"}
 
 def retune_ttt(lm_model: LMModel, config: TTTConfig) -> None:
     """Give a converted model's TTT layers the RETUNABLE settings of `config`; any other
-    difference (which layers, the method, the target generator's shape or source) is an error."""
-    if len(getattr(lm_model, "ttt_configs", ())) > 1:
-        raise ValueError("this model mixes TTT methods: retune its layers one by one")
-    current = lm_model.ttt_config
+    difference (which layers, the method, the target generator's shape or source) is an error.
+    In a model that mixes methods, `config` retunes the layers of its own method and layers."""
+    configs = list(lm_model.ttt_configs)
     num_layers = len(lm_model.transformer.layers)
+    same_place = [i for i, c in enumerate(configs) if c.method == config.method
+                  and c.layer_indices(num_layers) == config.layer_indices(num_layers)]
+    index = same_place[0] if same_place else 0
+    current = configs[index]
     retunable = RETUNABLE[current.method]
     fixed = [f.name for f in dataclasses.fields(TTTConfig) if f.name not in retunable + ("layers", "start", "every")
              and getattr(config, f.name) != getattr(current, f.name)]
@@ -154,11 +157,14 @@ def retune_ttt(lm_model: LMModel, config: TTTConfig) -> None:
         listed = ", ".join(f"ttt.{name}: {getattr(current, name)!r} -> {getattr(config, name)!r}" for name in fixed)
         raise ValueError(f"the TTT model's structure cannot change ({listed}); only {', '.join(retunable)} can "
                          "(drop the others from the ttt section, or start from a plain Moshi)")
-    for _, layer in ttt_layers(lm_model):
+    slot = "gating" if config.method == "inplace" else TTT_MLP_SLOT
+    for i in config.layer_indices(num_layers):
         for name in retunable:
-            setattr(layer, _LAYER_ATTRIBUTE.get(name, name), getattr(config, name))
-    lm_model.ttt_configs = (config,)
-    lm_model.ttt_config = config
+            setattr(getattr(lm_model.transformer.layers[i], slot), _LAYER_ATTRIBUTE.get(name, name),
+                    getattr(config, name))
+    configs[index] = config
+    lm_model.ttt_configs = tuple(configs)
+    lm_model.ttt_config = configs[0]
 
 
 def set_ttt_enabled(model: nn.Module, enabled: bool) -> None:

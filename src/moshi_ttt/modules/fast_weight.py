@@ -49,6 +49,26 @@ def document_spans(segments: torch.Tensor | None, length: int) -> list[list[tupl
     return spans
 
 
+def common_position(pos: torch.Tensor) -> int | None:
+    """The position in the update period (chunk, mini-batch) shared by all samples, or None
+    (also under CUDA-graph capture, where a step must not read values from the device)."""
+    if pos.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    positions = pos.unique()
+    return int(positions[0]) if positions.numel() == 1 else None
+
+
+def check_sequence(x: torch.Tensor, segments: torch.Tensor | None, streaming: bool) -> None:
+    """A non-empty sequence, and document ids (whole sequences only) of its shape."""
+    if x.shape[1] == 0:
+        raise ValueError("empty sequence: x has 0 time steps")
+    if segments is not None:
+        if segments.shape != x.shape[:2]:
+            raise ValueError(f"segments has shape {tuple(segments.shape)}: expected {tuple(x.shape[:2])}")
+        if streaming:
+            raise ValueError("segments are for whole sequences; in streaming, use reset_streaming(mask)")
+
+
 def check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r}: expected an integer >= 1")

@@ -233,8 +233,9 @@ CHECKPOINT_DEFAULTS: dict[str, tp.Any] = {
 
 
 def saved_ttt_settings(model: str) -> dict[str, tp.Any] | None:
-    """The TTTConfig a TTT model was saved with (its config.json's "ttt"), or None: for a plain
-    Moshi, or a source that cannot be read (training then says why)."""
+    """The TTTConfig a TTT model was saved with (its config.json's "ttt"; the first, for a model
+    that mixes methods), or None: for a plain Moshi, or a source that cannot be read (training
+    then says why)."""
     config_file = Path(model) / "config.json"
     if not config_file.is_file() and len(Path(model).parts) == 2:  # a Hugging Face repo, if cached (no download)
         from huggingface_hub import try_to_load_from_cache
@@ -244,6 +245,7 @@ def saved_ttt_settings(model: str) -> dict[str, tp.Any] | None:
         saved = json.loads(config_file.read_text()).get("ttt") if config_file.is_file() else None
     except (OSError, ValueError, AttributeError):
         return None
+    saved = saved[0] if isinstance(saved, list) and saved else saved
     return TTTConfig.from_dict(saved).to_dict() if isinstance(saved, dict) else None
 
 

@@ -25,7 +25,7 @@ from ...ops.common import compute_dtype
 from ...ops.inplace import (ALGORITHMS, KEPT_SCORES, check_forget, chunk_delta_sq_norms, clipped_targets,
                             inplace_ttt_add_, inplace_ttt_down)
 from ...ops.inplace.target_conv import SPAN
-from ..fast_weight import FastWeightLayer, check_positive_int, document_spans
+from ..fast_weight import FastWeightLayer, check_positive_int, check_sequence, common_position, document_spans
 from .state import FastWeightState
 from .targets import LMAlignedTargets, TargetInit
 
@@ -215,7 +215,7 @@ class InPlaceTTTGating(FastWeightLayer, StreamingModule[FastWeightState]):
         C = self.chunk_size
         pieces = []
         t = 0
-        start = self._common_position(state) if T > 1 else None
+        start = common_position(state.pos) if T > 1 else None
         if start is not None:
             # All samples at the same chunk position: step to the next chunk start,
             # then take whole chunks in parallel, then step through the rest.
@@ -255,14 +255,6 @@ class InPlaceTTTGating(FastWeightLayer, StreamingModule[FastWeightState]):
         vc = clipped_targets(z, v, self.chunk_size, self.eta, self.clip_tau)
         return self.eta * chunk_delta_sq_norms(z.to(cd), vc.to(cd), self.chunk_size).sqrt()
 
-    @staticmethod
-    def _common_position(state: FastWeightState) -> int | None:
-        """The chunk position shared by all samples, or None (or under graph capture)."""
-        if state.pos.is_cuda and torch.cuda.is_current_stream_capturing():
-            return None
-        positions = state.pos.unique()
-        return int(positions[0]) if positions.numel() == 1 else None
-
     def _check_inputs(self, x: torch.Tensor, x0: torch.Tensor, segments: torch.Tensor | None) -> None:
         if not isinstance(x0, torch.Tensor):
             raise TypeError(f"x0 (token embeddings) must be a tensor, got {type(x0).__name__}")
@@ -276,10 +268,4 @@ class InPlaceTTTGating(FastWeightLayer, StreamingModule[FastWeightState]):
                              "must have the same batch and length")
         if x.device != x0.device:
             raise ValueError(f"hidden states on {x.device} but token embeddings on {x0.device}")
-        if x.shape[1] == 0:
-            raise ValueError("empty sequence: x has 0 time steps")
-        if segments is not None:
-            if segments.shape != x.shape[:2]:
-                raise ValueError(f"segments has shape {tuple(segments.shape)}: expected {tuple(x.shape[:2])}")
-            if self._streaming_state is not None:
-                raise ValueError("segments are for whole sequences; in streaming, use reset_streaming(mask)")
+        check_sequence(x, segments, self._streaming_state is not None)

@@ -21,7 +21,7 @@ from torch import nn
 from moshi.modules.streaming import StreamingModule
 
 from ...ops.ttt_mlp import InnerWeights, TTTMLPState, ttt_mlp, ttt_mlp_step
-from ..fast_weight import FastWeightLayer, check_positive_int, document_spans
+from ..fast_weight import FastWeightLayer, check_positive_int, check_sequence, common_position, document_spans
 from .state import TTTMLPStreamState
 
 
@@ -181,7 +181,7 @@ class TTTMLPBlock(FastWeightLayer, StreamingModule[TTTMLPStreamState]):
         T, b = h.shape[1], self.mini_batch
         pieces = []
         t = 0
-        start = _common_position(state.pos) if T > 1 else None
+        start = common_position(state.pos) if T > 1 else None
         if start is not None:
             # All samples at the same position: step to the next mini-batch's start, then take
             # whole mini-batches in parallel, then step through the rest.
@@ -218,23 +218,9 @@ class TTTMLPBlock(FastWeightLayer, StreamingModule[TTTMLPStreamState]):
     def _check_input(self, x: torch.Tensor, segments: torch.Tensor | None) -> None:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x has shape {tuple(x.shape)}: expected [batch, time, {self.dim}]")
-        if x.shape[1] == 0:
-            raise ValueError("empty sequence: x has 0 time steps")
-        if segments is not None:
-            if segments.shape != x.shape[:2]:
-                raise ValueError(f"segments has shape {tuple(segments.shape)}: expected {tuple(x.shape[:2])}")
-            if self._streaming_state is not None:
-                raise ValueError("segments are for whole sequences; in streaming, use reset_streaming(mask)")
+        check_sequence(x, segments, self._streaming_state is not None)
 
 
 def _merge_heads(y: torch.Tensor) -> torch.Tensor:
     B, H, T, f = y.shape
     return y.transpose(1, 2).reshape(B, T, H * f)
-
-
-def _common_position(pos: torch.Tensor) -> int | None:
-    """The mini-batch position shared by all samples, or None (or under graph capture)."""
-    if pos.is_cuda and torch.cuda.is_current_stream_capturing():
-        return None
-    positions = pos.unique()
-    return int(positions[0]) if positions.numel() == 1 else None
