@@ -190,3 +190,53 @@ def test_gradcheck_every_parameter():
     def run(x, *values):
         return torch.func.functional_call(block, dict(zip(names, values)), (x,))
     assert torch.autograd.gradcheck(run, (x, *params), eps=1e-6, atol=1e-5)
+
+
+def test_autocast_does_not_lower_the_inner_loop():
+    q, k, v, lr, scale, ln_w, ln_b, initial = (t.float() if isinstance(t, torch.Tensor) else
+                                                InnerWeights(*(w.float() for w in t)) for t in random_op_inputs(T=11))
+    plain, _ = ttt_mlp(q, k, v, lr, scale, ln_w, ln_b, initial)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast, _ = ttt_mlp(q, k, v, lr, scale, ln_w, ln_b, initial)
+        state = zero_state(InnerWeights(*(w.float() for w in initial)), 3)
+        pos = torch.zeros(3, dtype=torch.long)
+        step, _ = ttt_mlp_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], lr[:, :, 0], scale[pos], pos == 3,
+                               ln_w, ln_b, initial, state)
+    assert cast.dtype == torch.float32 and torch.equal(cast, plain)
+    torch.testing.assert_close(step, plain[:, :, 0], rtol=1e-6, atol=1e-6)
+
+
+def test_checkpointed_scan_gives_the_same_gradients():
+    inputs = random_op_inputs(T=11)
+    grads = []
+    for group in (0, 1, 2):
+        leaves = [t.clone().requires_grad_(True) for t in inputs[:7]]
+        initial = InnerWeights(*(w.clone().requires_grad_(True) for w in inputs[7]))
+        out, final = ttt_mlp(*leaves, initial, checkpoint_group=group)
+        (out.square().sum() + sum(t.square().sum() for t in [*final.delta, *final.sums])).backward()
+        grads.append([t.grad for t in [*leaves, *initial]])
+    for other in grads[1:]:
+        for got, want in zip(other, grads[0]):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_exec_mask_with_whole_mini_batches_in_one_step():
+    block = make_block(conv_kernel=4)
+    x = torch.randn(2, 16, 8, dtype=torch.float64)
+    with block.streaming(2):
+        first = block(x[:, :3])
+        block._streaming_state.set_exec_mask(torch.tensor([True, False]))
+        block(torch.randn(2, 5, 8, dtype=torch.float64))  # sample 1 skips these frames
+        block._streaming_state.set_exec_mask(torch.tensor([True, True]))
+        sample_1 = block(x[1:2, 3:].expand(2, -1, -1))[1:2]
+    torch.testing.assert_close(torch.cat([first[1:2], sample_1], 1), block(x[1:2]), rtol=1e-9, atol=1e-10)
+
+
+def test_a_block_made_on_meta_initialises_every_parameter():
+    block = TTTMLPBlock(8, 2, nn.LayerNorm(8), conv_kernel=4, gate_init=0.3, device="meta")
+    block.to_empty(device="cpu")
+    block.norm.reset_parameters()
+    block.reset_parameters()
+    assert all(torch.isfinite(p).all() for p in block.parameters())
+    assert torch.equal(block.gate, torch.full((8,), 0.3)) and torch.equal(block.ln_weight, torch.ones(2, 4))
+    assert not block.b1.any() and not block.lr_bias.any() and block.w1.std() > 0.01

@@ -223,3 +223,19 @@ def test_training_a_saved_mixed_model_keeps_or_retunes_its_settings(tmp_path):
     moved = config("moved", ttt={"layers": [0, 1]})
     with pytest.raises(ValueError, match="structure cannot change"):
         train(moved)
+
+
+def test_a_failing_config_leaves_the_model_unconverted():
+    lm = build_lm(tiny_lm_config())
+    with pytest.raises(ValueError, match="ttt.heads=3: the model dimension 64 of transformer layer 1"):
+        apply_ttt(lm, [TTTConfig(layers=[0]), TTTConfig(method="ttt_mlp", layers=[1], heads=3)])
+    assert ttt_layers(lm) == [] and getattr(lm, "ttt_config", None) is None
+    apply_ttt(lm, MIXED)
+    assert len(ttt_layers(lm)) == 4
+
+
+def test_diagnostics_of_a_document_shorter_than_a_mini_batch():
+    from moshi_ttt.eval import ttt_diagnostics
+    lm = build_lm(tiny_lm_config(), TTTConfig(**MLP)).eval()
+    results = ttt_diagnostics(lm, random_codes(lm, 1, B - 1))
+    assert all(stats["l0"] == [] for stats in results.values())

@@ -171,7 +171,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, tp.Any]:
             if has_ttt and enabled and documents and args.diagnostics_frames > 0:
                 results["diagnostics"][label] = _diagnostics(lm, documents, args.diagnostics_frames,
                                                              args.device, ttt_diagnostics)
-                chunk_sizes[label] = max(c.update_frames for c in lm.ttt_configs)
+                chunk_sizes[label] = {name: layer.frames_per_update for name, layer in ttt_layers(lm)}
         set_ttt_enabled(lm, True)
         del lm
     if recall_results:

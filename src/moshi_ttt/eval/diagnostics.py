@@ -83,8 +83,9 @@ def _weight(linear) -> torch.Tensor:
 
 
 def write_diagnostics(results: dict[str, dict[str, dict[str, list[float]]]], out: Path,
-                      chunk_sizes: dict[str, int]) -> list[Path]:
-    """diagnostics.json and one PNG per (model, layer) in `out`."""
+                      chunk_sizes: dict[str, dict[str, int]]) -> list[Path]:
+    """diagnostics.json and one PNG per (model, layer) in `out`; chunk_sizes: the frames per
+    update of each model's layers."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -105,7 +106,7 @@ def write_diagnostics(results: dict[str, dict[str, dict[str, list[float]]]], out
             bottom.plot(chunks, stats["update_norm"], marker="o", label="chunk update")
             bottom.plot(chunks, stats["accumulated_norm"], marker="o", label="accumulated change")
             bottom.set_ylabel("Frobenius norm")
-            bottom.set_xlabel(f"update ({chunk_sizes[model]} frames each)")
+            bottom.set_xlabel(f"update ({chunk_sizes[model][layer]} frames each)")
             bottom.legend()
             bottom.grid(alpha=0.3)
             fig.suptitle(f"{model}: {layer}", fontsize=9)

@@ -51,7 +51,7 @@ def save_ttt_weights(model: LMModel, path: str | Path) -> None:
     """Write the TTT parameters alone (safetensors, with the TTTConfig as metadata)."""
     config = getattr(model, "ttt_config", None)
     if config is None:
-        raise ValueError("this model has no In-Place TTT layers (apply_ttt was not called)")
+        raise ValueError("this model has no TTT layers (apply_ttt was not called)")
     tensors = {k: v.detach().contiguous().cpu() for k, v in ttt_state_dict(model).items()}
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata={"ttt_config": json.dumps(configs_to_json(model), indent=2)})
@@ -64,7 +64,7 @@ def load_ttt_weights(model: LMModel, path: str | Path) -> None:
         raise FileNotFoundError(f"TTT weights not found: {path}")
     expected = ttt_state_dict(model)
     if not expected:
-        raise ValueError("this model has no In-Place TTT layers (apply_ttt was not called)")
+        raise ValueError("this model has no TTT layers (apply_ttt was not called)")
     some = next(iter(expected.values()))
     state = load_file(str(path), device=str(some.device))
     _check_keys_and_shapes(expected, state, path)
@@ -76,7 +76,7 @@ def save_ttt_lm(model: LMModel, directory: str | Path) -> None:
     config = getattr(model, "ttt_config", None)
     moshi_config = getattr(model, "moshi_config", None)
     if config is None:
-        raise ValueError("this model has no In-Place TTT layers (apply_ttt was not called)")
+        raise ValueError("this model has no TTT layers (apply_ttt was not called)")
     if moshi_config is None:
         raise ValueError("this LMModel does not record the moshi config it was built with; "
                          "load it with load_ttt_lm or build it with build_lm")
@@ -94,7 +94,7 @@ def save_moshi_lm(model: LMModel, directory: str | Path) -> None:
     """Write a plain Moshi model (no TTT layer) as moshi's loader reads it, atomically:
     model.safetensors and config.json. `load_ttt_lm(directory, TTTConfig(...))` converts it."""
     if getattr(model, "ttt_config", None) is not None:
-        raise ValueError("this model has In-Place TTT layers: save it with save_ttt_lm")
+        raise ValueError("this model has TTT layers: save it with save_ttt_lm")
     moshi_config = getattr(model, "moshi_config", None)
     if moshi_config is None:
         raise ValueError("this LMModel does not record the moshi config it was built with; "

@@ -45,21 +45,33 @@ SEGMENTS_KWARG = "ttt_segments"
 TTT_MLP_SLOT = "ttt_mlp"
 
 
-def _convert_gating(layer: StreamingTransformerLayer, index: int, config: TTTConfig) -> None:
+def _check_gating(layer: StreamingTransformerLayer, index: int, config: TTTConfig) -> None:
     gating = layer.gating
     if not isinstance(gating, ActivationGating):
         raise TypeError(f"transformer layer {index}: expected an ActivationGating MLP, got {type(gating).__name__}")
-    layer.gating = InPlaceTTTGating.from_gating(gating, **config.layer_kwargs())
+    if not (isinstance(gating.linear_in, nn.Linear) and isinstance(gating.linear_out, nn.Linear)):
+        raise TypeError(f"transformer layer {index}: quantized or LoRA-wrapped gating cannot be converted: "
+                        f"linear_in is {type(gating.linear_in).__name__}")
+
+
+def _convert_gating(layer: StreamingTransformerLayer, index: int, config: TTTConfig) -> None:
+    layer.gating = InPlaceTTTGating.from_gating(layer.gating, **config.layer_kwargs())
+
+
+def _check_ttt_mlp_slot(layer: StreamingTransformerLayer, index: int, config: TTTConfig) -> None:
+    if hasattr(layer, TTT_MLP_SLOT):
+        raise ValueError(f"transformer layer {index} already has a TTT-MLP block")
+    dim, heads = layer.self_attn.embed_dim, config.heads or layer.self_attn.num_heads
+    if dim % heads:
+        raise ValueError(f"ttt.heads={heads}: the model dimension {dim} of transformer layer {index} is not a "
+                         "multiple of it")
 
 
 def _add_ttt_mlp_block(layer: StreamingTransformerLayer, index: int, config: TTTConfig) -> None:
-    if hasattr(layer, TTT_MLP_SLOT):
-        raise ValueError(f"transformer layer {index} already has a TTT-MLP block")
-    dim = layer.self_attn.embed_dim
     heads = config.heads or layer.self_attn.num_heads
     reference = next(layer.parameters())
-    block = TTTMLPBlock(dim, heads, copy.deepcopy(layer.norm2), device=reference.device, dtype=reference.dtype,
-                        **config.layer_kwargs())
+    block = TTTMLPBlock(layer.self_attn.embed_dim, heads, copy.deepcopy(layer.norm2), device=reference.device,
+                        dtype=reference.dtype, **config.layer_kwargs())
     setattr(layer, TTT_MLP_SLOT, block.train(layer.training))
     layer.register_forward_hook(_apply_ttt_mlp_block)
 
@@ -68,13 +80,14 @@ def _add_ttt_mlp_block(layer: StreamingTransformerLayer, index: int, config: TTT
 class Method:
     """Where a method's layers go and what they read."""
 
+    check: tp.Callable[[StreamingTransformerLayer, int, TTTConfig], None]  # before any layer changes
     convert: tp.Callable[[StreamingTransformerLayer, int, TTTConfig], None]
     reads_embeddings: bool  # whether the layers need X0 (the token embeddings)
 
 
 METHODS: dict[str, Method] = {
-    "inplace": Method(_convert_gating, reads_embeddings=True),
-    "ttt_mlp": Method(_add_ttt_mlp_block, reads_embeddings=False),
+    "inplace": Method(_check_gating, _convert_gating, reads_embeddings=True),
+    "ttt_mlp": Method(_check_ttt_mlp_slot, _add_ttt_mlp_block, reads_embeddings=False),
 }
 
 
@@ -105,9 +118,10 @@ def apply_ttt(lm_model: LMModel, config: TTTConfig | tp.Sequence[TTTConfig]) -> 
     x0_source = embedding_configs[0].x0_source if embedding_configs else None
     if x0_source in ("user", "text_user") and lm_model.num_audio_codebooks <= lm_model.dep_q:
         raise ValueError(f"ttt.x0_source={x0_source!r}: this model has no user audio stream")
-    for c, indices in zip(configs, chosen):
-        for i in indices:
-            METHODS[c.method].convert(layers[i], i, c)
+    for convert in ("check", "convert"):  # every check first: an error leaves the model as it was
+        for c, indices in zip(configs, chosen):
+            for i in indices:
+                getattr(METHODS[c.method], convert)(layers[i], i, c)
     _route_inputs(lm_model, x0_source)
     _forget_streaming_children(lm_model)
     lm_model.ttt_configs = tuple(configs)
@@ -135,6 +149,7 @@ RETUNABLE = {  # per method, the settings no parameter depends on
     "inplace": ("chunk_size", "eta", "forget", "clip_tau", "algorithm", "scan_block"),
     "ttt_mlp": ("base_lr", "scan_group"),
 }
+CONVERSION_ONLY = ("gate_init",)  # read once, when a block is made: a converted model ignores them
 _LAYER_ATTRIBUTE = {"scan_group": "checkpoint_group"}
 
 
@@ -149,14 +164,18 @@ def retune_ttt(lm_model: LMModel, config: TTTConfig) -> None:
     index = same_place[0] if same_place else 0
     current = configs[index]
     retunable = RETUNABLE[current.method]
-    fixed = [f.name for f in dataclasses.fields(TTTConfig) if f.name not in retunable + ("layers", "start", "every")
+    free = retunable + CONVERSION_ONLY + ("layers", "start", "every")
+    fixed = [f.name for f in dataclasses.fields(TTTConfig) if f.name not in free
              and getattr(config, f.name) != getattr(current, f.name)]
     if config.layer_indices(num_layers) != current.layer_indices(num_layers):
         fixed.insert(0, "layers")
     if fixed:
         listed = ", ".join(f"ttt.{name}: {getattr(current, name)!r} -> {getattr(config, name)!r}" for name in fixed)
+        places = ", ".join(f"{c.method} on layers {c.layer_indices(num_layers)}" for c in configs)
+        mixed = (f"; this model mixes methods ({places}): a ttt section retunes the layers whose method and "
+                 "layers it names (by default the first's)" if len(configs) > 1 else "")
         raise ValueError(f"the TTT model's structure cannot change ({listed}); only {', '.join(retunable)} can "
-                         "(drop the others from the ttt section, or start from a plain Moshi)")
+                         f"(drop the others from the ttt section, or start from a plain Moshi){mixed}")
     slot = "gating" if config.method == "inplace" else TTT_MLP_SLOT
     for i in config.layer_indices(num_layers):
         for name in retunable:

@@ -7,6 +7,7 @@ through this surface only, so a method is one module package (`modules/<method>/
 - `own_parameters`: prefixes, inside the layer, of the parameters the method adds to
   Moshi's (what `ttt.safetensors` holds and what `mode: ttt` trains); "" for all of them;
 - `ttt_enabled`: False runs the same weights without test-time training, a diagnostic;
+- `frames_per_update`: frames between two updates of the fast weights;
 - `fast_weight_change_norms()`: [B] how far each sample's fast weights have moved,
   read from the streaming state (fast weights never live in parameters);
 - `capture`: when set to a list, whole-sequence forwards append the method's
@@ -26,6 +27,10 @@ class FastWeightLayer:
 
     @property
     def ttt_active(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def frames_per_update(self) -> int:
         raise NotImplementedError
 
     def fast_weight_change_norms(self) -> torch.Tensor:

@@ -218,15 +218,15 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
     train_s = 0.0
     fast_layers = ttt_layers(lm)
     inplace_layers = [(name, layer) for name, layer in fast_layers if layer.method == "inplace"]
-    inplace_eta = next((c.eta for c in getattr(lm, "ttt_configs", ()) if c.method == "inplace"), None)
+    target_etas = [layer.eta for _, layer in inplace_layers]  # each layer's own (its config's, retuned)
     interrupted, last_saved, done = None, None, step
     with stop_on_signals() as request:
         for step in progress:
             start = time.perf_counter()
             log_now = (step + 1) % config.log_freq == 0
-            for _, layer in inplace_layers:
+            for (_, layer), eta in zip(inplace_layers, target_etas):
                 layer.capture = [] if log_now else None
-                layer.eta = eta_at(inplace_eta, config.eta_warmup_steps, step)
+                layer.eta = eta_at(eta, config.eta_warmup_steps, step)
             metrics = _train_step(config, dist, lm, model, batcher, optimizer, streams=streams_at(config, step))
             done = step + 1
             schedule.step()
@@ -241,7 +241,8 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
             progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
                                  fps=f"{metrics['frames_per_s']:.0f}")
             metrics.update(_update_norms(inplace_layers))  # from this step's batch, before any evaluation forward
-            metrics.update(_gates(fast_layers))
+            if log_now:
+                metrics.update(_gates(fast_layers))
             interrupted = request.agreed(dist)  # before the evaluation: torchrun kills 30 s after a signal
             if probe is not None and (step + 1) % config.eval_freq == 0 and not interrupted:
                 recall = probe.measure(lm)

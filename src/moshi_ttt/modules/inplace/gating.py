@@ -133,6 +133,10 @@ class InPlaceTTTGating(FastWeightLayer, StreamingModule[FastWeightState]):
     def ttt_active(self) -> bool:
         return self.ttt_enabled and self.eta > 0
 
+    @property
+    def frames_per_update(self) -> int:
+        return self.chunk_size
+
     def extra_repr(self) -> str:
         return (f"chunk_size={self.chunk_size}, eta={self.eta}, kernel_size={self.kernel_size}, "
                 f"kernel_past={self.kernel_past}, "

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from moshi.modules.streaming import StreamingModule
 
-from ...ops.ttt_mlp import InnerWeights, TTTMLPState, ttt_mlp, ttt_mlp_step
+from ...ops.ttt_mlp import InnerWeights, ttt_mlp, ttt_mlp_step
 from ..fast_weight import FastWeightLayer, check_positive_int, check_sequence, common_position, document_spans
 from .state import TTTMLPStreamState
 
@@ -58,6 +58,7 @@ class TTTMLPBlock(FastWeightLayer, StreamingModule[TTTMLPStreamState]):
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.mini_batch = mini_batch
         self.base_lr = float(base_lr)
+        self.gate_init = float(gate_init)
         self.conv_kernel = conv_kernel
         self.checkpoint_group = checkpoint_group
         f, H = self.head_dim, num_heads
@@ -86,14 +87,28 @@ class TTTMLPBlock(FastWeightLayer, StreamingModule[TTTMLPStreamState]):
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The initial values of ttt-lm-pytorch (normal(0, 0.02) weights, zero biases)."""
-        for weight in (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight,
-                       self.lr_weight, self.w1, self.w2):
-            nn.init.normal_(weight, std=0.02)
+        """The initial values of ttt-lm-pytorch (normal(0, 0.02) weights, zero biases, unit
+        LayerNorm scales) and the gate at `gate_init`; the pre-norm is the layer's own."""
+        with torch.no_grad():
+            for weight in (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight,
+                           self.lr_weight, self.w1, self.w2):
+                nn.init.normal_(weight, std=0.02)
+            for bias in (self.lr_bias, self.token_scale_bias, self.b1, self.b2, self.ln_bias):
+                bias.zero_()
+            self.ln_weight.fill_(1.0)
+            self.gate.fill_(self.gate_init)
+            self.post_norm.reset_parameters()
+            if self.conv_kernel:
+                self.conv_q.reset_parameters()
+                self.conv_k.reset_parameters()
 
     @property
     def ttt_active(self) -> bool:
         return self.ttt_enabled and self.base_lr > 0
+
+    @property
+    def frames_per_update(self) -> int:
+        return self.mini_batch
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, mini_batch={self.mini_batch}, base_lr={self.base_lr}, "
@@ -138,8 +153,8 @@ class TTTMLPBlock(FastWeightLayer, StreamingModule[TTTMLPStreamState]):
         losses = [] if self.capture is not None else None
         out, _ = ttt_mlp(q, k, v, lr, self.token_scales(), self.ln_weight, self.ln_bias, self.initial_weights(),
                          checkpoint_group=self.checkpoint_group if self.training else 0, losses=losses)
-        if self.capture is not None and losses:
-            self.capture.append(torch.stack(losses, dim=2))
+        if self.capture is not None:  # [B, H, 0, 5] for a document shorter than a mini-batch
+            self.capture.append(torch.stack(losses, dim=2) if losses else q.new_zeros(*q.shape[:2], 0, 5))
         return _merge_heads(out)
 
     def _conv_inputs(self, h: torch.Tensor, state: TTTMLPStreamState | None = None

@@ -18,6 +18,7 @@ import typing as tp
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..common import without_autocast
 from .inner import InnerWeights, gelu, head_layer_norm, inner_loss, reconstruction_grads
 
 
@@ -67,10 +68,20 @@ def ttt_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
     checkpoint_group: when > 0 and gradients are on, mini-batches per checkpointed group.
     losses: when a list, gets one [B, H, 5] tensor per whole mini-batch: the mean inner loss
     of its tokens under `initial`, before its update and after it (l0, lprev, lafter), the
-    norm of its update and of the weights' change from `initial` after it.
+    norm of its update and of the weights' change from `initial` after it (a diagnostic:
+    the scan then runs without checkpoints).
     The final state holds the delta after the last whole mini-batch and the sums of the
-    tokens after it. Outputs keep q's dtype; the arithmetic is float32 or wider.
+    tokens after it. Outputs and state are float32 (float64 for float64 inputs): the
+    arithmetic runs at that precision, with autocast off.
     """
+    B, H, T, f = q.shape
+    if T == 0:
+        raise ValueError("empty sequence: q has 0 time steps")
+    with without_autocast(q.device):
+        return _scan(q, k, v, lr, token_scale, ln_weight, ln_bias, initial, initial_delta, checkpoint_group, losses)
+
+
+def _scan(q, k, v, lr, token_scale, ln_weight, ln_bias, initial, initial_delta, checkpoint_group, losses):
     B, H, T, f = q.shape
     b = token_scale.shape[0]
     dtype = torch.promote_types(q.dtype, torch.float32)

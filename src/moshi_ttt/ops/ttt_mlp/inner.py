@@ -31,9 +31,8 @@ class InnerWeights(tp.NamedTuple):
         return InnerWeights(*(a - b for a, b in zip(self, other)))
 
     def scaled(self, factor: torch.Tensor) -> "InnerWeights":
-        """Every tensor times `factor`, [B] or [B, H]: one factor per sample (and head)."""
-        factor = factor if factor.dim() == 2 else factor[:, None]
-        return InnerWeights(*(t * factor.view(*factor.shape, *([1] * (t.dim() - 2))) for t in self))
+        """Every tensor times `factor`, [B]: one factor per sample."""
+        return InnerWeights(*(t * factor.view(-1, *([1] * (t.dim() - 1))) for t in self))
 
     def where(self, mask: torch.Tensor, other: "InnerWeights") -> "InnerWeights":
         """self where the per-sample `mask` [B] holds, else `other`."""

@@ -10,6 +10,7 @@ captured in a CUDA graph.
 
 import torch
 
+from ..common import without_autocast
 from .dual import TTTMLPState, mini_batch_sums
 from .inner import InnerWeights, gelu, head_layer_norm, reconstruction_grads
 
@@ -20,8 +21,14 @@ def ttt_mlp_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Te
     """(output, next state) of one token per sample.
 
     q, k, v: [B, H, f]; lr: [B, H]; scale: [B], the scale of each sample's position in its
-    mini-batch; ends: [B] bool, whether that position is the mini-batch's last.
+    mini-batch; ends: [B] bool, whether that position is the mini-batch's last. The output
+    and the state have the state's dtype (float32, or float64), autocast off.
     """
+    with without_autocast(q.device):
+        return _step(q, k, v, lr, scale, ends, ln_weight, ln_bias, initial, state)
+
+
+def _step(q, k, v, lr, scale, ends, ln_weight, ln_bias, initial, state):
     dtype = state.delta.w1.dtype
     q, k, v, lr, scale = (t.to(dtype)[..., None, :] if t.dim() == 3 else t.to(dtype) for t in (q, k, v, lr, scale))
     w = InnerWeights(*(t.to(dtype) for t in initial)) + state.delta
