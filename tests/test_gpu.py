@@ -156,3 +156,16 @@ def test_ttt_mlp_step_under_cuda_graph():
         graphed = torch.cat([step(x[:, t:t + 1]).clone() for t in range(x.shape[1])], dim=1)
         assert step._graph is not None
     torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_ttt_mlp_under_autocast_keeps_its_inner_loop_in_float32():
+    block = cuda_block(torch.float32).train()
+    x = torch.randn(2, 4 * 4 + 3, 64, device="cuda")
+    grads = []
+    for enabled in (False, True):
+        block.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled):
+            block(x).float().square().sum().backward()
+        grads.append([p.grad for p in block.parameters()])
+    for full, mixed in zip(*grads):
+        assert (mixed - full).abs().max() <= 0.05 * full.abs().max()
