@@ -106,10 +106,11 @@ def save_moshi_lm(model: LMModel, directory: str | Path) -> None:
 
 
 def load_moshi_lm(source: str | Path, *, device: torch.device | str = "cpu",
-                  dtype: torch.dtype = torch.bfloat16) -> LMModel:
+                  dtype: torch.dtype = torch.bfloat16, moshi_weights: str | Path | None = None,
+                  config_path: str | Path | None = None) -> LMModel:
     """A plain Moshi (no TTT) from a checkpoint directory or HF repo, recording its config."""
-    info = checkpoint_info(source)
-    if is_ttt_checkpoint(source):
+    info = checkpoint_info(source, moshi_weights=moshi_weights, config_path=config_path)
+    if "ttt" in (info.raw_config or {}):
         raise ValueError(f"{source} is a TTT model (its config.json has 'ttt'): load it with load_ttt_lm")
     try:
         lm = _moshi_get_moshi(info, device=device, dtype=dtype)
@@ -127,9 +128,9 @@ def _moshi_config(info: loaders.CheckpointInfo) -> dict[str, tp.Any]:
     return raw
 
 
-def is_ttt_checkpoint(source: str | Path) -> bool:
+def is_ttt_checkpoint(source: str | Path, config_path: str | Path | None = None) -> bool:
     """Whether a checkpoint is a saved TTT model (its config.json has "ttt"), not a plain Moshi."""
-    return "ttt" in (checkpoint_info(source).raw_config or {})
+    return "ttt" in (checkpoint_info(source, config_path=config_path).raw_config or {})
 
 
 def load_lm(source: str | Path, *, device: torch.device | str = "cpu",
@@ -226,12 +227,12 @@ def named_file(directory: Path, name: str) -> Path:
 
 
 def with_assets(moshi_config: dict[str, tp.Any], source: str | Path, *, mimi_weights: str | Path | None = None,
-                tokenizer: str | Path | None = None) -> dict[str, tp.Any]:
+                tokenizer: str | Path | None = None, config_path: str | Path | None = None) -> dict[str, tp.Any]:
     """`moshi_config` pointing, by absolute path, to the Mimi weights and config and the text
     tokenizer that `source` uses (or the given overrides) where those files exist, so that a model
     saved with it finds them wherever it runs on this machine; the keys of missing files are dropped."""
     config = {k: v for k, v in moshi_config.items() if k not in ASSET_KEYS}
-    info = checkpoint_info(source)  # moshi's default file names where config.json names none
+    info = checkpoint_info(source, config_path=config_path)  # moshi's default names where config.json has none
     found: dict[str, Path | None] = {"mimi_name": Path(mimi_weights or info.mimi_weights),
                                      "tokenizer_name": Path(tokenizer or info.tokenizer), "mimi_config_name": None}
     mimi_config = (info.raw_config or {}).get("mimi_config_name")

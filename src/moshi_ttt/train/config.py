@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from ..models.config import METHOD_FIELDS, TTTConfig
+from .finetune_yaml import from_finetune_vocabulary, uses_finetune_vocabulary
 
 MODES = ("ttt", "ttt_layers", "lora", "full")
 TINY_DEFAULTS = {"context": 16}
@@ -37,6 +38,17 @@ class OptimConfig:
 class LoraConfig:
     rank: int = 16
     scaling: float = 2.0
+    ft_embed: bool = False  # lora mode: the embedding tables train too (moshi-finetune's lora.ft_embed)
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging beside TensorBoard, as moshi-finetune configures it (an extra:
+    `pip install moshi-ttt[wandb]`); off without a project."""
+    project: str | None = None
+    run_name: str | None = None  # None: the run directory's name
+    key: str | None = None  # an API key to log in with; None: wandb's own login
+    offline: bool = False  # write to run_dir/wandb, for `wandb sync` later
 
 
 @dataclass
@@ -65,6 +77,7 @@ class SyntheticConfig:
 class DataConfig:
     source: str = "synthetic"  # synthetic | codes (pre-tokenised .npy files) | finetune (moshi-finetune jsonl)
     train_data: str | None = None  # codes: a directory of .npy files; finetune: the .jsonl file
+    eval_data: str | None = None  # held-out data of the same kind: the validation loss every eval_freq steps
     shuffle: bool = True
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     mimi_weights: str | None = None  # finetune: Mimi, if not the model checkpoint's
@@ -74,6 +87,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     model: str = "tiny"  # "tiny" (built-in random config), a checkpoint directory, or an HF repo id
+    moshi_weights: str | None = None  # the checkpoint's weights file, if not the one its config.json names
+    config_path: str | None = None  # the checkpoint's config.json, if not the one in `model`
     # model "tiny": moshi LMModel kwargs over the built-in ones. An attention context of 16
     # frames: 4 layers x 16 = 64 frames is the farthest a chain of attention reaches, and
     # every fact of the default documents is stated further back than that.
@@ -113,8 +128,11 @@ class TrainConfig:
     run_dir: str = "runs/train"  # a new run needs it empty or absent (or overwrite_run_dir: true)
     overwrite_run_dir: bool = False
     log_freq: int = 10  # steps between logged metrics
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     ckpt_freq: int = 100  # steps between checkpoints (one is also written when a run stops)
     keep_last: int = 2
+    do_ckpt: bool = True  # false: no checkpoint (no resume); final/ is still written
+    save_adapters: bool = False  # lora mode: also final/lora.safetensors, the LoRA adapters alone
     do_eval: bool = True  # synthetic data: recall on held-out documents every eval_freq steps and at the end
     eval_freq: int = 100
     eval_documents: int = 64  # held-out documents per evaluation during training (4x that at the end)
@@ -141,6 +159,9 @@ class TrainConfig:
             raise ValueError(f"model={self.model!r}: expected 'tiny', a checkpoint directory or a Hugging Face repo")
         if self.tiny and self.model != "tiny":
             raise ValueError(f"tiny={self.tiny!r} changes the built-in tiny model, but model={self.model!r}")
+        for name in ("moshi_weights", "config_path"):
+            if getattr(self, name) is not None and self.model == "tiny":
+                raise ValueError(f"{name}={getattr(self, name)!r} names a checkpoint's file, but model='tiny'")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r}: expected one of {MODES}")
         if not isinstance(self.tiny, dict):
@@ -154,6 +175,11 @@ class TrainConfig:
             raise ValueError(f"data.source={self.data.source!r}: expected one of {SOURCES}")
         if self.data.source != "synthetic" and not self.data.train_data:
             raise ValueError(f"data.train_data is required for data.source={self.data.source!r}")
+        if self.wandb.project is not None and (not isinstance(self.wandb.project, str) or not self.wandb.project):
+            raise ValueError(f"wandb.project={self.wandb.project!r}: expected a project name, or null for no wandb")
+        if self.data.eval_data and self.data.source == "synthetic":
+            raise ValueError(f"data.eval_data={self.data.eval_data!r} with data.source='synthetic': synthetic "
+                             "runs score recall on their own held-out documents (do_eval); leave it empty")
         if self.reset_fast_weights not in RESETS:
             raise ValueError(f"reset_fast_weights={self.reset_fast_weights!r}: expected one of {RESETS}")
         _check("stream_from_step", self.stream_from_step, int, minimum=0)
@@ -164,7 +190,8 @@ class TrainConfig:
         if self.duration_sec is not None and self.seq_frames is not None:
             raise ValueError(f"duration_sec={self.duration_sec!r}, seq_frames={self.seq_frames!r}: "
                              "give at most one of the two")
-        for name in ("baseline", "do_eval", "bf16", "gradient_checkpointing", "data.shuffle", "overwrite_run_dir"):
+        for name in ("baseline", "do_eval", "bf16", "gradient_checkpointing", "data.shuffle", "overwrite_run_dir",
+                     "do_ckpt", "save_adapters", "lora.ft_embed", "wandb.offline"):
             if not isinstance(_get(self, name), bool):
                 raise ValueError(f"{name}={_get(self, name)!r}: expected true or false")
         if self.baseline and self.mode == "ttt":
@@ -203,12 +230,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: tp.Mapping[str, tp.Any] | None) -> "TrainConfig":
-        """The config of a YAML mapping; a checkpoint `model` starts from CHECKPOINT_DEFAULTS."""
+        """The config of a YAML mapping; a checkpoint `model` starts from CHECKPOINT_DEFAULTS. A
+        mapping in moshi-finetune's vocabulary is read as moshi-finetune reads it (`finetune_yaml`)."""
         data = data or {}
+        if isinstance(data, tp.Mapping) and uses_finetune_vocabulary(data):
+            data = from_finetune_vocabulary(data)
         model = data.get("model", "tiny") if isinstance(data, tp.Mapping) else "tiny"
         if model != "tiny":
             # A saved TTT model's own settings are the defaults its ttt section changes.
-            saved = saved_ttt_settings(model) if isinstance(model, str) and model else None
+            saved = saved_ttt_settings(model, data.get("config_path")) if isinstance(model, str) and model else None
             data = _merged(dict(CHECKPOINT_DEFAULTS, ttt=saved or TTTConfig().to_dict()), data)
         return _build(cls, data, "")
 
@@ -232,11 +262,11 @@ CHECKPOINT_DEFAULTS: dict[str, tp.Any] = {
     "reset_fast_weights": "document", "stream_from_step": 0, "data": {"synthetic": {"documents_per_row": 1}}}
 
 
-def saved_ttt_settings(model: str) -> dict[str, tp.Any] | None:
+def saved_ttt_settings(model: str, config_path: str | None = None) -> dict[str, tp.Any] | None:
     """The TTTConfig a TTT model was saved with (its config.json's "ttt"; the first, for a model
     that mixes methods), or None: for a plain Moshi, or a source that cannot be read (training
     then says why)."""
-    config_file = Path(model) / "config.json"
+    config_file = Path(config_path) if config_path else Path(model) / "config.json"
     if not config_file.is_file() and len(Path(model).parts) == 2:  # a Hugging Face repo, if cached (no download)
         from huggingface_hub import try_to_load_from_cache
         cached = try_to_load_from_cache(model, "config.json")
@@ -315,7 +345,7 @@ def _yaml_float(value):
 
 
 def _nested_type(annotation) -> type | None:
-    candidates = (TTTConfig, OptimConfig, LoraConfig, SyntheticConfig, DataConfig)
+    candidates = (TTTConfig, OptimConfig, LoraConfig, SyntheticConfig, DataConfig, WandbConfig)
     for candidate in candidates:
         if annotation is candidate or annotation == candidate.__name__:
             return candidate

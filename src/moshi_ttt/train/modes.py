@@ -3,7 +3,7 @@
 - ttt: the TTT parameters only (In-Place's target generators, TTT-MLP's blocks).
 - ttt_layers: every parameter of the transformer layers that hold TTT.
 - lora: moshi's LoRA on the linear layers, plus the TTT parameters (those stay full
-  matrices, not LoRA).
+  matrices, not LoRA), and with `ft_embed` the embedding tables (as moshi-finetune).
 - full: everything.
 """
 
@@ -30,7 +30,7 @@ def parameter_group(name: str) -> str:
 
 
 def apply_mode(lm: LMModel, mode: str, lora_rank: int = 16, lora_scaling: float = 2.0,
-               layers: list[int] | None = None) -> dict[str, int]:
+               layers: list[int] | None = None, ft_embed: bool = False) -> dict[str, int]:
     """Set requires_grad for `mode` (adding LoRA for "lora"); return trainable counts per group.
 
     layers: the transformer layers that train in "ttt_layers" mode; by default those
@@ -48,7 +48,7 @@ def apply_mode(lm: LMModel, mode: str, lora_rank: int = 16, lora_scaling: float 
         elif mode == "ttt_layers":
             trains = name.startswith(ttt_layer_prefixes)
         elif mode == "lora":
-            trains = parameter_group(name) in ("ttt_target", "ttt_mlp", "lora")
+            trains = parameter_group(name) in ("ttt_target", "ttt_mlp", "lora") or (ft_embed and "emb" in name)
         elif mode == "ttt":
             trains = parameter_group(name) in ("ttt_target", "ttt_mlp")
         else:

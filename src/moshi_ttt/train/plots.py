@@ -16,9 +16,11 @@ def plot_losses(run_dir: Path) -> Path | None:
     if not entries:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key in ("loss", "text_loss", "audio_loss"):
+    for key in ("loss", "text_loss", "audio_loss", "eval/loss", "eval_ttt_off/loss"):
         points = [(e["step"], e[key]) for e in entries if key in e]
-        ax.plot(*zip(*points), label=key)
+        if points:
+            ax.plot(*zip(*points), label=key.replace("eval/loss", "validation loss").replace(
+                "eval_ttt_off/loss", "validation loss, TTT off (diagnostic)"), marker="o" if "/" in key else None)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (weighted)")
     ax.set_title(run_dir.name)

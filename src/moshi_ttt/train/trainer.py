@@ -37,6 +37,7 @@ from .distributed import Distributed, setup
 from .interrupts import stop_on_signals
 from .loss import loss_weights, weighted_losses
 from .modes import GROUPS, apply_mode, parameter_group
+from .validation import ValidationSet
 
 
 def warmup_cosine(total_steps: int, warmup_share: float, step: int) -> float:
@@ -61,10 +62,12 @@ def build_model(config: TrainConfig, device: torch.device) -> LMModel:
         lm = build_lm(tiny_lm_config(**config.tiny), ttt, seed=config.seed, device=device, dtype=dtype)
     elif config.baseline:
         _check_baseline_model(config)
-        lm = load_moshi_lm(config.model, device=device, dtype=dtype)
+        lm = load_moshi_lm(config.model, device=device, dtype=dtype, moshi_weights=config.moshi_weights,
+                           config_path=config.config_path)
     else:
-        saved = is_ttt_checkpoint(config.model)
-        lm = load_ttt_lm(config.model, None if saved else config.ttt, device=device, dtype=dtype)
+        saved = is_ttt_checkpoint(config.model, config.config_path)
+        lm = load_ttt_lm(config.model, None if saved else config.ttt, device=device, dtype=dtype,
+                         moshi_weights=config.moshi_weights, config_path=config.config_path)
         if saved:
             retune_ttt(lm, config.ttt)  # the config's eta, forget, ... apply; a structural change is an error
     lm.train()
@@ -72,8 +75,10 @@ def build_model(config: TrainConfig, device: torch.device) -> LMModel:
     return lm
 
 
-def build_source(config: TrainConfig, lm: LMModel) -> DocumentSource:
+def build_source(config: TrainConfig, lm: LMModel, documents: str | None = None) -> DocumentSource:
+    """The documents at `documents` (by default data.train_data), or the synthetic ones."""
     data = config.data
+    documents = documents or data.train_data
     if data.source == "synthetic":
         from ..data.synthetic import SyntheticDocuments
         return SyntheticDocuments(data.synthetic.num_documents, num_codebooks=lm.num_codebooks, dep_q=lm.dep_q,
@@ -81,30 +86,49 @@ def build_source(config: TrainConfig, lm: LMModel) -> DocumentSource:
                                   seed=config.seed, max_frames=data.synthetic.max_frames, **data.synthetic.layout())
     if data.source == "codes":
         from ..data.code_files import CodeFiles
-        return CodeFiles(data.train_data, lm.num_codebooks)
+        return CodeFiles(documents, lm.num_codebooks)
     from ..data.finetune_data import FinetuneConversations
     if config.model == "tiny":
         raise ValueError("data.source='finetune' needs a model checkpoint (its Mimi and text tokenizer), "
                          "not model='tiny'")
-    info = checkpoint_info(config.model, mimi_weights=data.mimi_weights, tokenizer=data.tokenizer)
+    info = checkpoint_info(config.model, mimi_weights=data.mimi_weights, tokenizer=data.tokenizer,
+                           config_path=config.config_path)
     for what, path in (("Mimi weights", info.mimi_weights), ("text tokenizer", info.tokenizer)):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{what} not found: {path} (set data.mimi_weights / data.tokenizer)")
-    return FinetuneConversations(data.train_data, info.get_mimi(device="cpu"), info.get_text_tokenizer(),
+    return FinetuneConversations(documents, info.get_mimi(device="cpu"), info.get_text_tokenizer(),
                                  padding_id=lm.text_padding_token_id, end_padding_id=lm.end_of_text_padding_id,
                                  dep_q=lm.dep_q, num_codebooks=lm.num_codebooks)
 
 
-class MetricsLog:
-    """TensorBoard scalars and a metrics.jsonl, written by the main process."""
+def require_wandb() -> tp.Any:
+    """The wandb module, or an error that says how to install it (before any model loads)."""
+    try:
+        import wandb
+    except ImportError as error:
+        raise ValueError("wandb.project is set but wandb is not installed: pip install 'moshi-ttt[wandb]', "
+                         "or drop the wandb section") from error
+    return wandb
 
-    def __init__(self, run_dir: Path, enabled: bool):
+
+class MetricsLog:
+    """TensorBoard scalars and a metrics.jsonl (and wandb, when configured), written by the main process."""
+
+    def __init__(self, run_dir: Path, enabled: bool, config: TrainConfig | None = None):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.writer = None
+        self.wandb_run = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        if enabled and config is not None and config.wandb.project:
+            wandb = require_wandb()
+            if config.wandb.key:
+                wandb.login(key=config.wandb.key)
+            self.wandb_run = wandb.init(project=config.wandb.project, name=config.wandb.run_name or run_dir.name,
+                                        dir=str(run_dir), mode="offline" if config.wandb.offline else "online",
+                                        config=config.to_dict())
 
     def forget_after(self, step: int) -> None:
         """Drop the lines of steps after `step` (logged before a resumed run's checkpoint was lost)."""
@@ -119,12 +143,16 @@ class MetricsLog:
             return
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
 
 
 def train(config: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict[str, tp.Any]:
@@ -171,7 +199,7 @@ def train_with_baseline(config: TrainConfig, resume: bool = False) -> dict[str, 
 
 
 def _check_baseline_model(config: TrainConfig) -> None:
-    if config.model != "tiny" and is_ttt_checkpoint(config.model):
+    if config.model != "tiny" and is_ttt_checkpoint(config.model, config.config_path):
         raise ValueError(f"baseline=true: model={config.model!r} is a TTT model; "
                          "a baseline starts from a plain Moshi checkpoint")
 
@@ -180,10 +208,13 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
     run_dir = Path(config.run_dir)
     if not resume:  # before anything slow; every process checks, the main one clears
         _claim_run_dir(run_dir, config.overwrite_run_dir, dist)
+    if config.wandb.project and dist.is_main:
+        require_wandb()
     torch.manual_seed(config.seed)
     lm = build_model(config, dist.device)
     layers = config.ttt.layer_indices(len(lm.transformer.layers)) if config.baseline else None
-    counts = apply_mode(lm, config.mode, config.lora.rank, config.lora.scaling, layers=layers)
+    counts = apply_mode(lm, config.mode, config.lora.rank, config.lora.scaling, layers=layers,
+                        ft_embed=config.lora.ft_embed)
     params = [p for p in lm.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
@@ -205,8 +236,10 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
             tmp.write_text(config.to_yaml())
         print(config.to_yaml())
         print("trainable parameters: " + ", ".join(f"{g} {counts[g]:,}" for g in GROUPS))
-    metrics_log = MetricsLog(run_dir, dist.is_main)
+    metrics_log = MetricsLog(run_dir, dist.is_main, config)
     probe = RecallProbe.for_run(config, lm) if dist.is_main else None
+    validation = (ValidationSet(build_source(config, lm, config.data.eval_data), config.frames)
+                  if config.do_eval and config.data.eval_data else None)
     metrics_log.forget_after(step)
     last_step = min(config.max_steps, stop_after) if stop_after is not None else config.max_steps
     rows_per_step = config.batch_size * dist.world_size * config.num_microbatches
@@ -244,18 +277,24 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
             if log_now:
                 metrics.update(_gates(fast_layers))
             interrupted = request.agreed(dist)  # before the evaluation: torchrun kills 30 s after a signal
+            evaluate = ((step + 1) % config.eval_freq == 0 or step + 1 == config.max_steps) and not interrupted
+            if validation is not None and evaluate:
+                metrics.update(_validation_losses(config, dist, lm, validation))
+                if dist.is_main:
+                    progress.write(f"step {step + 1}: validation loss {metrics['eval/loss']:.3f} (text "
+                                   f"{metrics['eval/text_loss']:.3f}, audio {metrics['eval/audio_loss']:.3f})")
             if probe is not None and (step + 1) % config.eval_freq == 0 and not interrupted:
                 recall = probe.measure(lm)
                 metrics.update(recall)
                 progress.write(f"step {step + 1}: held-out recall {100 * recall['recall/accuracy']:.1f}%, "
                                f"answer CE {recall['recall/cross_entropy']:.3f}, "
                                f"ratio {recall['recall/key_addressing_ratio']:.3g}")
-            if log_now or "recall/accuracy" in metrics:
+            if log_now or "recall/accuracy" in metrics or "eval/loss" in metrics:
                 metrics_log.log(step + 1, metrics)
             if log_now and dist.is_main and not interactive:
                 print(f"step {step + 1}/{config.max_steps}: loss {metrics['loss']:.3f}, lr {metrics['lr']:.2e}, "
                       f"{metrics['frames_per_s']:.0f} frames/s, {train_s:.0f} s", flush=True)
-            if (step + 1) % config.ckpt_freq == 0 or step + 1 == last_step or interrupted:
+            if config.do_ckpt and ((step + 1) % config.ckpt_freq == 0 or step + 1 == last_step or interrupted):
                 if dist.is_main:
                     state = {"step": step + 1, "optimizer": optimizer.state_dict(),
                              "schedule": schedule.state_dict(), "rng": rng_state(), "data": batcher.state_dict()}
@@ -269,7 +308,10 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
     metrics_log.close()
     if interrupted:
         name = signal.Signals(interrupted).name
-        if dist.is_main:
+        if dist.is_main and not config.do_ckpt:
+            print(f"{name}: stopped after step {done} of {config.max_steps}; no checkpoint (do_ckpt: false), "
+                  "so the run cannot be resumed.", flush=True)
+        elif dist.is_main:
             saved = last_saved or list_checkpoints(run_dir)[-1]
             print(f"{name}: stopped after step {done} of {config.max_steps}; checkpoint written to "
                   f"{saved}. Continue with the same command and --resume.", flush=True)
@@ -324,6 +366,23 @@ def _train_step(config: TrainConfig, dist: Distributed, lm: LMModel, model: torc
     if not math.isfinite(text + audio):
         raise FloatingPointError(f"the loss is not finite (text {text}, audio {audio})")
     return {"loss": text + audio, "text_loss": text, "audio_loss": audio, **grad_norms}
+
+
+def _validation_losses(config: TrainConfig, dist: Distributed, lm: LMModel,
+                       validation: ValidationSet) -> dict[str, float]:
+    """eval/... of the model now and, with TTT, eval_ttt_off/... of the same weights without it."""
+    def losses(prefix: str) -> dict[str, float]:
+        values = validation.losses(lm, dist, config.batch_size, config.first_codebook_weight_multiplier,
+                                   config.text_padding_weight, lambda: _autocast(config, dist.device))
+        return {f"{prefix}/{k}": v for k, v in values.items()}
+    out = losses("eval")
+    if ttt_layers(lm):
+        set_ttt_enabled(lm, False)
+        try:
+            out.update(losses("eval_ttt_off"))
+        finally:
+            set_ttt_enabled(lm, True)
+    return out
 
 
 def _autocast(config: TrainConfig, device: torch.device):
@@ -418,12 +477,18 @@ def _export(lm: LMModel, config: TrainConfig, directory: Path) -> None:
     """The trained model as a TTT model directory, or a plain Moshi one for a baseline (LoRA
     merged), for load_ttt_lm, moshi's loader and serving."""
     from moshi.modules.lora import replace_lora_with_linear
+    adapters = {}
     if config.mode == "lora":
+        adapters = {k: v.detach().contiguous().cpu() for k, v in lm.state_dict().items() if ".lora_" in k}
         replace_lora_with_linear(lm)
     if config.model != "tiny":  # point to the source's Mimi and tokenizer: serve and eval need them
         lm.moshi_config = with_assets(lm.moshi_config, config.model, mimi_weights=config.data.mimi_weights,
-                                      tokenizer=config.data.tokenizer)
+                                      tokenizer=config.data.tokenizer, config_path=config.config_path)
     (save_moshi_lm if config.baseline else save_ttt_lm)(lm, directory)
+    if config.save_adapters and adapters:  # moshi-finetune's adapters alone, for its LoRA loading
+        from safetensors.torch import save_file
+        with atomic_file(directory / "lora.safetensors") as tmp:
+            save_file(adapters, str(tmp))
     print(f"trained model saved to {directory}")
 
 
@@ -444,8 +509,9 @@ class RecallProbe:
         if not config.do_eval:
             return None
         if config.data.source != "synthetic":
-            print(f"do_eval: no held-out evaluation for data.source={config.data.source!r} yet; "
-                  "evaluate the trained model with moshi-ttt eval")
+            if not config.data.eval_data:
+                print(f"do_eval: no held-out data for data.source={config.data.source!r}: set data.eval_data "
+                      "for a validation loss during training, or evaluate the trained model with moshi-ttt eval")
             return None
         return cls(config, lm)
 
