@@ -19,7 +19,7 @@ def filled(tmp_path, model, data, **change):
     config = json.loads(json.dumps(EXAMPLE))
     config["data"]["train_data"] = str(data / "train.jsonl")
     config["run_dir"] = str(tmp_path / "run")
-    config["moshi_paths"] = {"moshi_path": str(model / "model.safetensors"),
+    config["moshi_paths"] = {"hf_repo_id": None, "moshi_path": str(model / "model.safetensors"),
                              "config_path": str(model / "config.json"),
                              "mimi_path": str(model / "mimi.safetensors"),
                              "tokenizer_path": str(model / "tokenizer.model")}
@@ -50,8 +50,21 @@ def test_the_example_means_the_same_run(tmp_path, finetune_data):  # noqa: F811
     assert TrainConfig.from_dict(unfilled).model == "kyutai/moshiko-pytorch-bf16"
 
 
+def test_what_a_moshi_finetune_config_leaves_out_takes_its_defaults():
+    config = TrainConfig.from_dict({"lora": {"enable": True}, "data": {"train_data": "d.jsonl"}, "run_dir": "r"})
+    assert config.model == "kyutai/moshiko-pytorch-bf16" and config.mode == "lora"
+    assert (config.lora.rank, config.optim.lr, config.max_steps, config.batch_size, config.duration_sec) == (
+        64, 1e-4, 100, 1, 10)
+    assert (config.ckpt_freq, config.keep_last, config.save_adapters, config.do_eval) == (10 ** 9, 3, True, False)
+    assert (config.gradient_checkpointing, config.log_freq, config.data.shuffle) == (True, 1, False)
+    assert config.first_codebook_weight_multiplier == 1.0
+    ours = TrainConfig.from_dict({"model": "a/b", "mode": "ttt", "num_ckpt_keep": 2, "seq_frames": 64,
+                                  "data": {"source": "codes", "train_data": "codes/"}})
+    assert (ours.model, ours.mode, ours.keep_last, ours.seq_frames, ours.duration_sec) == ("a/b", "ttt", 2, 64, None)
+
+
 def test_the_example_trains(tmp_path, finetune_data):  # noqa: F811
-    """Two steps of it on a tiny checkpoint (its sizes made small), LoRA adapters saved alone beside the model."""
+    """Two steps of it on a tiny checkpoint (its sizes made small); what trained saved alone beside the model."""
     model, data = finetune_data
     config = TrainConfig.from_dict(filled(tmp_path, model, data, duration_sec=2.4, batch_size=2, max_steps=2,
                                           ckpt_freq=0, ttt={"every": 2, "chunk_size": 8},
@@ -64,7 +77,9 @@ def test_the_example_trains(tmp_path, finetune_data):  # noqa: F811
     assert checkpoints == ["step_000002"]  # ckpt_freq 0: only the last
     from safetensors.torch import load_file
     adapters = load_file(str(tmp_path / "run" / "final" / "lora.safetensors"))
-    assert adapters and all(".lora_A." in k or ".lora_B." in k for k in adapters)
+    assert any(".lora_A." in k for k in adapters) and any(".ttt_target." in k for k in adapters)
+    assert any(k.startswith("emb.") for k in adapters)  # what trained, unmerged: adapters, TTT, embeddings
+    assert not any("frozen_W" in k for k in adapters)
     from moshi_ttt import load_ttt_lm
     load_ttt_lm(tmp_path / "run" / "final")
 
@@ -74,6 +89,7 @@ def test_the_example_trains(tmp_path, finetune_data):  # noqa: F811
     ({"lora": {"enable": False}}, "full_finetuning: false and lora.enable: false: nothing would train"),
     ({"mode": "ttt"}, "mode and full_finetuning / lora.enable both say what trains"),
     ({"model": "tiny"}, "model and moshi_paths both say which checkpoint"),
+    ({"data": {"mimi_weights": "m.safetensors"}}, "moshi_paths.mimi_path and data.mimi_weights both name"),
     ({"wandb": {"project": ""}}, "wandb.project='': expected a project name"),
     ({"param_dtype": "float16"}, "param_dtype='float16': expected 'bfloat16'"),
     ({"run_dir": ""}, "run_dir is empty"),
@@ -142,3 +158,13 @@ def test_a_config_of_this_package_is_never_read_as_moshi_finetunes():
     from moshi_ttt.train.finetune_yaml import uses_finetune_vocabulary
     assert not uses_finetune_vocabulary(TrainConfig().to_dict())
     assert not uses_finetune_vocabulary(TrainConfig.from_dict({"model": "x/y", "save_adapters": True}).to_dict())
+
+
+def test_local_weights_under_another_name(tmp_path, finetune_data):  # noqa: F811
+    """moshi-finetune writes consolidated.safetensors: moshi_path names it, every loader reads it."""
+    model, data = finetune_data
+    (model / "model.safetensors").rename(model / "consolidated.safetensors")
+    config = filled(tmp_path, model, data, duration_sec=2.4, batch_size=2, max_steps=1,
+                    ttt={"every": 2, "chunk_size": 8}, lora={"rank": 4})
+    config["moshi_paths"]["moshi_path"] = str(model / "consolidated.safetensors")
+    assert len(train(TrainConfig.from_dict(config))["losses"]) == 1

@@ -53,3 +53,21 @@ def test_eval_data_is_for_real_data_only():
     import pytest
     with pytest.raises(ValueError, match="data.eval_data='x.jsonl' with data.source='synthetic'"):
         TrainConfig.from_dict({"data": {"eval_data": "x.jsonl"}})
+
+
+def test_a_validation_set_shorter_than_a_row_is_refused():
+    import pytest
+    from moshi_ttt.train.validation import ValidationSet
+
+    class Short:
+        def __len__(self):
+            return 1
+
+        def num_frames(self, index):
+            return 20
+
+        def __getitem__(self, index):
+            return torch.zeros(3, 20, dtype=torch.long)
+    with pytest.raises(ValueError, match="data.eval_data holds 20 frames, less than one row of 30"):
+        ValidationSet(Short(), 30, max_rows=8)
+    assert len(ValidationSet(Short(), 8, max_rows=8)) == 2 and len(ValidationSet(Short(), 8, max_rows=1)) == 1

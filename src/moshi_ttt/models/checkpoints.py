@@ -128,9 +128,11 @@ def _moshi_config(info: loaders.CheckpointInfo) -> dict[str, tp.Any]:
     return raw
 
 
-def is_ttt_checkpoint(source: str | Path, config_path: str | Path | None = None) -> bool:
+def is_ttt_checkpoint(source: str | Path, config_path: str | Path | None = None,
+                      moshi_weights: str | Path | None = None) -> bool:
     """Whether a checkpoint is a saved TTT model (its config.json has "ttt"), not a plain Moshi."""
-    return "ttt" in (checkpoint_info(source, config_path=config_path).raw_config or {})
+    info = checkpoint_info(source, config_path=config_path, moshi_weights=moshi_weights)
+    return "ttt" in (info.raw_config or {})
 
 
 def load_lm(source: str | Path, *, device: torch.device | str = "cpu",
@@ -195,9 +197,11 @@ def checkpoint_info(source: str | Path, *, moshi_weights: str | Path | None = No
         if path.exists() or looks_local or len(path.parts) != 2:
             raise FileNotFoundError(f"{source}: no such checkpoint directory (nor a Hugging Face repo id, "
                                     "which is owner/name)")
-        return loaders.CheckpointInfo.from_hf_repo(str(source), moshi_weights=moshi_weights,
-                                                   mimi_weights=mimi_weights, tokenizer=tokenizer,
-                                                   config_path=config_path)
+        def local(file):  # a local override: moshi reads a Path as it is, a name from the repo
+            return None if file is None else Path(file)
+        return loaders.CheckpointInfo.from_hf_repo(str(source), moshi_weights=local(moshi_weights),
+                                                   mimi_weights=local(mimi_weights), tokenizer=local(tokenizer),
+                                                   config_path=local(config_path))
     config_file = Path(config_path) if config_path is not None else path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in the checkpoint directory {path}")
@@ -227,12 +231,14 @@ def named_file(directory: Path, name: str) -> Path:
 
 
 def with_assets(moshi_config: dict[str, tp.Any], source: str | Path, *, mimi_weights: str | Path | None = None,
-                tokenizer: str | Path | None = None, config_path: str | Path | None = None) -> dict[str, tp.Any]:
+                tokenizer: str | Path | None = None, config_path: str | Path | None = None,
+                moshi_weights: str | Path | None = None) -> dict[str, tp.Any]:
     """`moshi_config` pointing, by absolute path, to the Mimi weights and config and the text
     tokenizer that `source` uses (or the given overrides) where those files exist, so that a model
     saved with it finds them wherever it runs on this machine; the keys of missing files are dropped."""
     config = {k: v for k, v in moshi_config.items() if k not in ASSET_KEYS}
-    info = checkpoint_info(source, config_path=config_path)  # moshi's default names where config.json has none
+    # moshi's default file names where config.json names none
+    info = checkpoint_info(source, config_path=config_path, moshi_weights=moshi_weights)
     found: dict[str, Path | None] = {"mimi_name": Path(mimi_weights or info.mimi_weights),
                                      "tokenizer_name": Path(tokenizer or info.tokenizer), "mimi_config_name": None}
     mimi_config = (info.raw_config or {}).get("mimi_config_name")

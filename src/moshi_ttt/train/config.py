@@ -177,6 +177,9 @@ class TrainConfig:
             raise ValueError(f"data.train_data is required for data.source={self.data.source!r}")
         if self.wandb.project is not None and (not isinstance(self.wandb.project, str) or not self.wandb.project):
             raise ValueError(f"wandb.project={self.wandb.project!r}: expected a project name, or null for no wandb")
+        if self.lora.ft_embed and self.mode != "lora":
+            raise ValueError(f"lora.ft_embed=true with mode={self.mode!r}: it adds the embeddings to what trains "
+                             "in lora mode (in full mode they train anyway)")
         if self.data.eval_data and self.data.source == "synthetic":
             raise ValueError(f"data.eval_data={self.data.eval_data!r} with data.source='synthetic': synthetic "
                              "runs score recall on their own held-out documents (do_eval); leave it empty")
@@ -267,11 +270,11 @@ def saved_ttt_settings(model: str, config_path: str | None = None) -> dict[str, 
     that mixes methods), or None: for a plain Moshi, or a source that cannot be read (training
     then says why)."""
     config_file = Path(config_path) if config_path else Path(model) / "config.json"
-    if not config_file.is_file() and len(Path(model).parts) == 2:  # a Hugging Face repo, if cached (no download)
-        from huggingface_hub import try_to_load_from_cache
-        cached = try_to_load_from_cache(model, "config.json")
-        config_file = Path(cached) if isinstance(cached, str) else config_file
     try:
+        if not config_file.is_file() and len(Path(model).parts) == 2:  # a Hugging Face repo, if cached
+            from huggingface_hub import try_to_load_from_cache
+            cached = try_to_load_from_cache(model, "config.json")
+            config_file = Path(cached) if isinstance(cached, str) else config_file
         saved = json.loads(config_file.read_text()).get("ttt") if config_file.is_file() else None
     except (OSError, ValueError, AttributeError):
         return None

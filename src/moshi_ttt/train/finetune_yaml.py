@@ -1,12 +1,12 @@
 """moshi-finetune's YAML vocabulary, in this package's terms.
 
 A config written for kyutai's moshi-finetune (its `example/moshi_7B.yaml`) runs as it is:
-each of its keys means here what it means there, and `from_finetune_vocabulary` rewrites
-them into TrainConfig's own. A key that cannot mean anything here, or a value this package
-cannot honour yet, is an error that says why, never dropped.
+each of its keys means here what it means there, a key it leaves out takes moshi-finetune's
+default (`DEFAULTS`), and `from_finetune_vocabulary` rewrites them into TrainConfig's own.
+A key that cannot mean anything here is an error that says why, never dropped.
 
-    moshi_paths.hf_repo_id       model (the checkpoint)
-    moshi_paths.moshi_path       moshi_weights (and model: its directory, without hf_repo_id)
+    moshi_paths.hf_repo_id       model (the checkpoint; moshi-finetune's default repo unless null)
+    moshi_paths.moshi_path       moshi_weights (and model: its directory, with hf_repo_id null)
     moshi_paths.config_path      config_path
     moshi_paths.mimi_path        data.mimi_weights
     moshi_paths.tokenizer_path   data.tokenizer
@@ -15,7 +15,8 @@ cannot honour yet, is an error that says why, never dropped.
     num_ckpt_keep                keep_last (null: every checkpoint)
     do_ckpt                      do_ckpt
     ckpt_freq < 1                a checkpoint at the end only
-    save_adapters                save_adapters (final/lora.safetensors beside the merged model)
+    eval_freq < 1                with do_eval, an evaluation at the end only
+    save_adapters                save_adapters (final/lora.safetensors: what trained, unmerged)
     param_dtype                  bf16 (bfloat16 on a GPU, or float32)
     data.train_data, eval_data   the same, with data.source: finetune ('' eval_data: none)
     wandb                        wandb (project, run_name, key, offline)
@@ -28,6 +29,16 @@ from pathlib import Path
 FINETUNE_ONLY = ("moshi_paths", "full_finetuning", "num_ckpt_keep", "param_dtype")  # not TrainConfig keys
 DEFAULT_REPO = "kyutai/moshiko-pytorch-bf16"  # moshi-finetune's default moshi_paths.hf_repo_id
 ONLY_AT_THE_END = 10 ** 9
+# moshi-finetune's TrainArgs defaults, for the keys a config leaves out (TTT's come from TTTConfig).
+DEFAULTS: dict[str, tp.Any] = {
+    "first_codebook_weight_multiplier": 1.0, "text_padding_weight": 0.5, "seed": 0, "num_microbatches": 1,
+    "duration_sec": 10, "batch_size": 1, "max_norm": 1.0, "max_steps": 100, "log_freq": 1, "ckpt_freq": 0,
+    "save_adapters": True, "do_ckpt": True, "num_ckpt_keep": 3, "eval_freq": 0, "do_eval": False,
+    "gradient_checkpointing": True, "full_finetuning": False, "param_dtype": "bfloat16",
+    "overwrite_run_dir": False, "optim": {"lr": 1e-4, "weight_decay": 0.1, "pct_start": 0.05},
+    "lora": {"enable": False, "rank": 64, "scaling": 2.0, "ft_embed": False},
+    "data": {"shuffle": False},
+}
 
 
 def uses_finetune_vocabulary(data: tp.Mapping[str, tp.Any]) -> bool:
@@ -39,9 +50,29 @@ def uses_finetune_vocabulary(data: tp.Mapping[str, tp.Any]) -> bool:
 
 def from_finetune_vocabulary(data: tp.Mapping[str, tp.Any]) -> dict[str, tp.Any]:
     """The same config in TrainConfig's keys (see the module docstring)."""
-    out = copy.deepcopy(dict(data))
+    given = [key for key in FINETUNE_ONLY if key in data] + (["lora.enable"] if "enable" in (data.get("lora") or {})
+                                                             else [])
+    try:
+        return _translated(data)
+    except ValueError as error:
+        raise ValueError(f"{error} (read as a moshi-finetune config: it has {', '.join(given)})") from error
+
+
+def _translated(data: tp.Mapping[str, tp.Any]) -> dict[str, tp.Any]:
+    explicit = copy.deepcopy(dict(data))
+    out = _with_defaults(DEFAULTS, explicit)
+    if "mode" in explicit:  # this package's own key for what trains, beside moshi-finetune's others
+        if "full_finetuning" in explicit or "enable" in (explicit.get("lora") or {}):
+            raise ValueError("mode and full_finetuning / lora.enable both say what trains: give one")
+        out.pop("full_finetuning")
+        out["lora"].pop("enable")
+    else:
+        _mode(out)
+    # This package's own keys beside moshi-finetune's: they replace its defaults, not what it was given.
+    for ours, theirs in (("keep_last", "num_ckpt_keep"), ("bf16", "param_dtype"), ("seq_frames", "duration_sec")):
+        if ours in explicit and theirs not in explicit:
+            out.pop(theirs)
     _model(out)
-    _mode(out)
     if "num_ckpt_keep" in out and "keep_last" in out:
         raise ValueError("num_ckpt_keep and keep_last both say how many checkpoints to keep: give one")
     if "keep_last" not in out:
@@ -49,8 +80,8 @@ def from_finetune_vocabulary(data: tp.Mapping[str, tp.Any]) -> dict[str, tp.Any]
         out["keep_last"] = ONLY_AT_THE_END if num_keep is None else num_keep
     if isinstance(out.get("ckpt_freq"), int) and not isinstance(out["ckpt_freq"], bool) and out["ckpt_freq"] < 1:
         out["ckpt_freq"] = ONLY_AT_THE_END  # moshi-finetune: below 1, only the last checkpoint
-    if isinstance(out.get("eval_freq"), int) and out["eval_freq"] < 1 and not out.get("do_eval", False):
-        out.pop("eval_freq")  # moshi-finetune's 0 with do_eval off: no evaluation
+    if isinstance(out.get("eval_freq"), int) and not isinstance(out["eval_freq"], bool) and out["eval_freq"] < 1:
+        out["eval_freq"] = ONLY_AT_THE_END  # moshi-finetune: with do_eval, at the end only
     if "param_dtype" in out:
         dtype = out.pop("param_dtype")
         if dtype not in ("bfloat16", "float32"):
@@ -69,14 +100,23 @@ def from_finetune_vocabulary(data: tp.Mapping[str, tp.Any]) -> dict[str, tp.Any]
     return out
 
 
+def _with_defaults(base: tp.Mapping[str, tp.Any], data: tp.Mapping[str, tp.Any]) -> dict[str, tp.Any]:
+    out = copy.deepcopy(dict(base))
+    for key, value in data.items():
+        both = isinstance(value, tp.Mapping) and isinstance(out.get(key), tp.Mapping)
+        out[key] = _with_defaults(out[key], value) if both else value
+    return out
+
+
 def _model(out: dict[str, tp.Any]) -> None:
     if "moshi_paths" not in out and "model" in out:
         return
     paths = out.pop("moshi_paths", None)
     if paths is None:
-        paths = {"hf_repo_id": DEFAULT_REPO}
+        paths = {}
     if not isinstance(paths, tp.Mapping):
         raise ValueError(f"moshi_paths={paths!r}: expected a mapping")
+    paths = {"hf_repo_id": DEFAULT_REPO, **paths}  # moshi-finetune's default, unless set (null: local files)
     unknown = sorted(set(paths) - {"hf_repo_id", "moshi_path", "mimi_path", "tokenizer_path", "config_path"})
     if unknown:
         raise ValueError(f"unknown moshi_paths key(s) {unknown}: expected some of hf_repo_id, moshi_path, "
@@ -90,7 +130,8 @@ def _model(out: dict[str, tp.Any]) -> None:
     elif local:
         out["model"] = str(Path(local).parent)
     else:
-        raise ValueError("moshi_paths names no checkpoint: give hf_repo_id, or moshi_path (and config_path)")
+        raise ValueError("moshi_paths names no checkpoint: give hf_repo_id, or moshi_path and config_path "
+                         "with hf_repo_id: null")
     if weights:
         out["moshi_weights"] = weights
     if config:
@@ -98,6 +139,8 @@ def _model(out: dict[str, tp.Any]) -> None:
     section = out.setdefault("data", {})
     for key, ours in (("mimi_path", "mimi_weights"), ("tokenizer_path", "tokenizer")):
         if paths.get(key) and isinstance(section, dict):
+            if section.get(ours):
+                raise ValueError(f"moshi_paths.{key} and data.{ours} both name the file: give one")
             section[ours] = paths[key]
 
 
@@ -107,8 +150,6 @@ def _mode(out: dict[str, tp.Any]) -> None:
     enable = lora.pop("enable", False) if isinstance(lora, dict) else False
     if not isinstance(full, bool) or not isinstance(enable, bool):
         raise ValueError(f"full_finetuning={full!r}, lora.enable={enable!r}: expected true or false")
-    if "mode" in out:
-        raise ValueError("mode and full_finetuning / lora.enable both say what trains: give one")
     if full and enable:
         raise ValueError("full_finetuning: true with lora.enable: true: choose one (moshi-finetune: LoRA is "
                          "for partial finetuning)")

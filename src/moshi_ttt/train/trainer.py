@@ -65,7 +65,7 @@ def build_model(config: TrainConfig, device: torch.device) -> LMModel:
         lm = load_moshi_lm(config.model, device=device, dtype=dtype, moshi_weights=config.moshi_weights,
                            config_path=config.config_path)
     else:
-        saved = is_ttt_checkpoint(config.model, config.config_path)
+        saved = is_ttt_checkpoint(config.model, config.config_path, config.moshi_weights)
         lm = load_ttt_lm(config.model, None if saved else config.ttt, device=device, dtype=dtype,
                          moshi_weights=config.moshi_weights, config_path=config.config_path)
         if saved:
@@ -92,7 +92,7 @@ def build_source(config: TrainConfig, lm: LMModel, documents: str | None = None)
         raise ValueError("data.source='finetune' needs a model checkpoint (its Mimi and text tokenizer), "
                          "not model='tiny'")
     info = checkpoint_info(config.model, mimi_weights=data.mimi_weights, tokenizer=data.tokenizer,
-                           config_path=config.config_path)
+                           config_path=config.config_path, moshi_weights=config.moshi_weights)
     for what, path in (("Mimi weights", info.mimi_weights), ("text tokenizer", info.tokenizer)):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{what} not found: {path} (set data.mimi_weights / data.tokenizer)")
@@ -199,7 +199,7 @@ def train_with_baseline(config: TrainConfig, resume: bool = False) -> dict[str, 
 
 
 def _check_baseline_model(config: TrainConfig) -> None:
-    if config.model != "tiny" and is_ttt_checkpoint(config.model, config.config_path):
+    if config.model != "tiny" and is_ttt_checkpoint(config.model, config.config_path, config.moshi_weights):
         raise ValueError(f"baseline=true: model={config.model!r} is a TTT model; "
                          "a baseline starts from a plain Moshi checkpoint")
 
@@ -222,6 +222,7 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
         raise ValueError(f"mode={config.mode!r} leaves nothing to train in this model")
     batcher = SequenceBatcher(build_source(config, lm), config.frames, seed=config.seed,
                               shuffle=config.data.shuffle)
+    validation = _validation_set(config, lm) if config.do_eval and config.data.eval_data else None
     optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
                                   weight_decay=config.optim.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -238,8 +239,6 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
         print("trainable parameters: " + ", ".join(f"{g} {counts[g]:,}" for g in GROUPS))
     metrics_log = MetricsLog(run_dir, dist.is_main, config)
     probe = RecallProbe.for_run(config, lm) if dist.is_main else None
-    validation = (ValidationSet(build_source(config, lm, config.data.eval_data), config.frames)
-                  if config.do_eval and config.data.eval_data else None)
     metrics_log.forget_after(step)
     last_step = min(config.max_steps, stop_after) if stop_after is not None else config.max_steps
     rows_per_step = config.batch_size * dist.world_size * config.num_microbatches
@@ -368,6 +367,19 @@ def _train_step(config: TrainConfig, dist: Distributed, lm: LMModel, model: torc
     return {"loss": text + audio, "text_loss": text, "audio_loss": audio, **grad_norms}
 
 
+def _validation_set(config: TrainConfig, lm: LMModel) -> ValidationSet:
+    """The held-out rows (read before the run writes anything): at most VALIDATION_BATCHES batches,
+    as moshi-finetune caps its evaluation."""
+    try:
+        source = build_source(config, lm, config.data.eval_data)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"data.eval_data: {error}") from error
+    return ValidationSet(source, config.frames, max_rows=VALIDATION_BATCHES * config.batch_size)
+
+
+VALIDATION_BATCHES = 40
+
+
 def _validation_losses(config: TrainConfig, dist: Distributed, lm: LMModel,
                        validation: ValidationSet) -> dict[str, float]:
     """eval/... of the model now and, with TTT, eval_ttt_off/... of the same weights without it."""
@@ -418,7 +430,9 @@ def _gates(fast_layers: list) -> dict[str, float]:
 
 
 # Settings a resumed run may change: they do not change what it computes.
-RESUMABLE_CHANGES = ("run_dir", "device", "log_freq", "ckpt_freq", "keep_last", "overwrite_run_dir")
+RESUMABLE_CHANGES = ("run_dir", "device", "log_freq", "ckpt_freq", "keep_last", "overwrite_run_dir", "do_ckpt",
+                     "save_adapters", "do_eval", "eval_freq", "data.eval_data", "wandb.project", "wandb.run_name",
+                     "wandb.key", "wandb.offline")
 
 
 def _claim_run_dir(run_dir: Path, overwrite: bool, dist: Distributed) -> None:
@@ -478,14 +492,16 @@ def _export(lm: LMModel, config: TrainConfig, directory: Path) -> None:
     merged), for load_ttt_lm, moshi's loader and serving."""
     from moshi.modules.lora import replace_lora_with_linear
     adapters = {}
-    if config.mode == "lora":
-        adapters = {k: v.detach().contiguous().cpu() for k, v in lm.state_dict().items() if ".lora_" in k}
+    if config.mode == "lora":  # what trained (adapters, TTT parameters, embeddings with ft_embed), unmerged
+        dtype = torch.bfloat16 if config.bf16 else torch.float32
+        adapters = {n: p.detach().to(dtype).contiguous().cpu() for n, p in lm.named_parameters() if p.requires_grad}
         replace_lora_with_linear(lm)
     if config.model != "tiny":  # point to the source's Mimi and tokenizer: serve and eval need them
         lm.moshi_config = with_assets(lm.moshi_config, config.model, mimi_weights=config.data.mimi_weights,
-                                      tokenizer=config.data.tokenizer, config_path=config.config_path)
+                                      tokenizer=config.data.tokenizer, config_path=config.config_path,
+                                      moshi_weights=config.moshi_weights)
     (save_moshi_lm if config.baseline else save_ttt_lm)(lm, directory)
-    if config.save_adapters and adapters:  # moshi-finetune's adapters alone, for its LoRA loading
+    if config.save_adapters and adapters:  # as moshi-finetune's lora.safetensors: over the base model, not final/
         from safetensors.torch import save_file
         with atomic_file(directory / "lora.safetensors") as tmp:
             save_file(adapters, str(tmp))

@@ -2,9 +2,9 @@
 
 The held-out documents (`data.eval_data`, of the training data's kind) are cut once into
 rows of the training length, in order, packed as in training (each document its own fast
-weights); the rows that fill no whole row are left out. Every evaluation reads the same
-rows with the model in eval mode: each process a share, the weighted sums reduced, so the
-loss is the same on any number of processes.
+weights), at most `max_rows` of them; the frames that fill no whole row are left out. Every
+evaluation reads the same rows with the model in eval mode: each process a share, the
+weighted sums reduced, so the loss is the same on any number of processes.
 """
 
 import typing as tp
@@ -17,12 +17,14 @@ from .loss import loss_weights, weighted_losses
 
 
 class ValidationSet:
-    def __init__(self, source: DocumentSource, frames: int):
+    def __init__(self, source: DocumentSource, frames: int, max_rows: int):
         if len(source) == 0:
             raise ValueError("data.eval_data has no documents")
-        batcher = SequenceBatcher(source, frames, shuffle=False)
         total = sum(source.num_frames(i) for i in range(len(source)))
-        self.plans = [batcher.plan_row() for _ in range(max(1, total // frames))]
+        if total < frames:
+            raise ValueError(f"data.eval_data holds {total} frames, less than one row of {frames}")
+        batcher = SequenceBatcher(source, frames, shuffle=False)
+        self.plans = [batcher.plan_row() for _ in range(min(max_rows, total // frames))]
         self.batcher = batcher
 
     def __len__(self) -> int:
