@@ -1,11 +1,13 @@
-"""Files the tests make instead of downloading: checkpoints in moshi's format, a tokenizer."""
+"""Files the tests make instead of downloading: checkpoints in moshi's format, a tokenizer, conversations."""
 
 import io
 import json
 import random
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
+import sphn
 import torch
 from moshi.models import loaders
 from safetensors.torch import save_file
@@ -55,3 +57,36 @@ def write_plain_checkpoint(directory: Path, seed: int = 0, with_assets: bool = F
                       tokenizer_name="tokenizer.model")
     (directory / "config.json").write_text(json.dumps(config))
     return directory
+
+
+SR = 24000
+
+
+def tone(seconds: float, freq: float, seed: int) -> np.ndarray:
+    t = np.arange(int(seconds * SR)) / SR
+    noise = np.random.default_rng(seed).normal(size=t.shape) * 0.05
+    return (0.3 * np.sin(2 * np.pi * freq * t) + noise).astype(np.float32)
+
+
+def write_conversation(directory, name, seconds, words, channels=2):
+    """Left: a tone (the model); right: loud noise (the user), which a random Mimi tells apart."""
+    audio = np.stack([tone(seconds, 220, 0), np.random.default_rng(1).normal(size=int(seconds * SR)) * 0.5])
+    audio = audio[:channels].astype(np.float32)
+    sphn.write_wav(str(directory / f"{name}.wav"), audio, SR)
+    (directory / f"{name}.json").write_text(json.dumps({"alignments": words}))
+    return {"path": f"{name}.wav", "duration": seconds}
+
+
+def write_finetune_data(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny checkpoint (with Mimi and a tokenizer) and two moshi-finetune conversations (data/train.jsonl)."""
+    model = write_plain_checkpoint(tmp_path / "model", with_assets=True)
+    data = tmp_path / "data"
+    data.mkdir()
+    main, other = "SPEAKER_MAIN", "SPEAKER_OTHER"
+    entries = [
+        write_conversation(data, "a", 4.0, [["kalo", [0.5, 0.9], main], ["mine", [1.2, 1.5], other],
+                                            ["suta", [2.0, 2.4], main]]),
+        write_conversation(data, "b", 3.0, [["ripo", [0.3, 0.6], main]]),
+    ]
+    (data / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    return model, data

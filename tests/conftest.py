@@ -36,3 +36,10 @@ def make_layer():
 def scores_kept_or_recomputed(request):
     """A test's `kept_scores`: the dual form's scores kept from the forward (the default), and recomputed (0)."""
     return KEPT_SCORES if request.param == "kept" else 0
+
+
+@pytest.fixture
+def finetune_data(tmp_path):
+    """(checkpoint directory, data directory with train.jsonl) of moshi-finetune's format."""
+    from assets import write_finetune_data
+    return write_finetune_data(tmp_path)

@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from moshi_ttt.train import TrainConfig, train
-from test_train_data import finetune_data  # noqa: F401 (a fixture)
 
 EXAMPLE = yaml.safe_load((Path(__file__).parent / "data" / "moshi_finetune_7B.yaml").read_text())
 
@@ -28,7 +27,7 @@ def filled(tmp_path, model, data, **change):
     return config
 
 
-def test_the_example_means_the_same_run(tmp_path, finetune_data):  # noqa: F811
+def test_the_example_means_the_same_run(tmp_path, finetune_data):
     model, data = finetune_data
     config = TrainConfig.from_dict(filled(tmp_path, model, data))
     assert (config.model, config.moshi_weights, config.config_path) == (
@@ -63,7 +62,7 @@ def test_what_a_moshi_finetune_config_leaves_out_takes_its_defaults():
     assert (ours.model, ours.mode, ours.keep_last, ours.seq_frames, ours.duration_sec) == ("a/b", "ttt", 2, 64, None)
 
 
-def test_the_example_trains(tmp_path, finetune_data):  # noqa: F811
+def test_the_example_trains(tmp_path, finetune_data):
     """Two steps of it on a tiny checkpoint (its sizes made small); what trained saved alone beside the model."""
     model, data = finetune_data
     config = TrainConfig.from_dict(filled(tmp_path, model, data, duration_sec=2.4, batch_size=2, max_steps=2,
@@ -96,7 +95,7 @@ def test_the_example_trains(tmp_path, finetune_data):  # noqa: F811
     ({"moshi_paths": {"hf_repo": "x/y"}}, r"unknown moshi_paths key\(s\) \['hf_repo'\]"),
     ({"num_ckpt_keep": 2, "keep_last": 2}, "num_ckpt_keep and keep_last both"),
 ])
-def test_what_cannot_apply_is_an_error(tmp_path, finetune_data, change, match):  # noqa: F811
+def test_what_cannot_apply_is_an_error(tmp_path, finetune_data, change, match):
     model, data = finetune_data
     config = filled(tmp_path, model, data)
     for key, value in change.items():
@@ -126,7 +125,7 @@ class FakeWandb:
         self.calls.append(("finish",))
 
 
-def test_wandb_as_moshi_finetune_configures_it(tmp_path, finetune_data, monkeypatch):  # noqa: F811
+def test_wandb_as_moshi_finetune_configures_it(tmp_path, finetune_data, monkeypatch):
     import sys
     model, data = finetune_data
     fake = FakeWandb()
@@ -145,7 +144,7 @@ def test_wandb_as_moshi_finetune_configures_it(tmp_path, finetune_data, monkeypa
     assert fake.calls[-1] == ("finish",)
 
 
-def test_wandb_not_installed_is_said_before_the_model_loads(tmp_path, finetune_data, monkeypatch):  # noqa: F811
+def test_wandb_not_installed_is_said_before_the_model_loads(tmp_path, finetune_data, monkeypatch):
     import sys
     model, data = finetune_data
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
@@ -160,7 +159,7 @@ def test_a_config_of_this_package_is_never_read_as_moshi_finetunes():
     assert not uses_finetune_vocabulary(TrainConfig.from_dict({"model": "x/y", "save_adapters": True}).to_dict())
 
 
-def test_local_weights_under_another_name(tmp_path, finetune_data):  # noqa: F811
+def test_local_weights_under_another_name(tmp_path, finetune_data):
     """moshi-finetune writes consolidated.safetensors: moshi_path names it, every loader reads it."""
     model, data = finetune_data
     (model / "model.safetensors").rename(model / "consolidated.safetensors")

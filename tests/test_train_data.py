@@ -7,30 +7,12 @@ import pytest
 import sphn
 import torch
 
-from assets import random_mimi, write_plain_checkpoint, write_tokenizer
+from assets import SR, random_mimi, write_conversation, write_tokenizer
 from moshi_ttt.data.code_files import CodeFiles, tokenize_command
 from moshi_ttt.data.finetune_data import FinetuneConversations, text_stream
 from moshi_ttt.models import checkpoint_info
 from moshi_ttt.train import TrainConfig, train
 from moshi_ttt.train.batches import SequenceBatcher
-
-SR = 24000
-
-
-def tone(seconds: float, freq: float, seed: int) -> np.ndarray:
-    t = np.arange(int(seconds * SR)) / SR
-    noise = np.random.default_rng(seed).normal(size=t.shape) * 0.05
-    return (0.3 * np.sin(2 * np.pi * freq * t) + noise).astype(np.float32)
-
-
-def write_conversation(directory, name, seconds, words, channels=2):
-    """Left: a tone (the model); right: loud noise (the user), which a random Mimi tells apart."""
-    audio = np.stack([tone(seconds, 220, 0), np.random.default_rng(1).normal(size=int(seconds * SR)) * 0.5])
-    audio = audio[:channels].astype(np.float32)
-    sphn.write_wav(str(directory / f"{name}.wav"), audio, SR)
-    (directory / f"{name}.json").write_text(json.dumps({"alignments": words}))
-    return {"path": f"{name}.wav", "duration": seconds}
-
 
 def test_text_stream_follows_moshi_finetune():
     # Word A at 0.5 s (frame 6), two tokens; word B at 1.0 s (frame 12), one token.
@@ -38,21 +20,6 @@ def test_text_stream_follows_moshi_finetune():
     assert stream == [3, 3, 3, 3, 3, 0, 11, 12, 3, 3, 3, 0, 13, 3, 3, 3]
     # A word that starts while the previous one is still being written replaces its rest.
     assert text_stream([([1, 2, 3], 0.0, 0.1), ([4], 0.09, 0.2)], 4, 12.5, 3, 0) == [1, 4, 3, 3]
-
-
-@pytest.fixture
-def finetune_data(tmp_path):
-    model = write_plain_checkpoint(tmp_path / "model", with_assets=True)
-    data = tmp_path / "data"
-    data.mkdir()
-    main, other = "SPEAKER_MAIN", "SPEAKER_OTHER"
-    entries = [
-        write_conversation(data, "a", 4.0, [["kalo", [0.5, 0.9], main], ["mine", [1.2, 1.5], other],
-                                            ["suta", [2.0, 2.4], main]]),
-        write_conversation(data, "b", 3.0, [["ripo", [0.3, 0.6], main]]),
-    ]
-    (data / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
-    return model, data
 
 
 def test_moshi_finetune_format_round_trip(finetune_data):

@@ -10,10 +10,9 @@ from moshi_ttt.train import TrainConfig, train
 from moshi_ttt.train.batches import SequenceBatcher
 from moshi_ttt.train.loss import loss_weights, weighted_losses
 from moshi_ttt.train.trainer import build_model, build_source
-from test_train_data import finetune_data  # noqa: F401 (a fixture)
 
 
-def test_validation_loss_equals_an_evaluation_of_the_checkpoint(finetune_data, tmp_path):  # noqa: F811
+def test_validation_loss_equals_an_evaluation_of_the_checkpoint(finetune_data, tmp_path):
     model, data = finetune_data
     config = TrainConfig.from_dict({
         "model": str(model), "max_steps": 4, "batch_size": 2, "seq_frames": 30, "ckpt_freq": 2, "eval_freq": 2,
