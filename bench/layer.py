@@ -132,8 +132,8 @@ def main() -> None:
         del layer
         block = TTTMLPBlock(size["dim"], size["heads"], torch.nn.LayerNorm(size["dim"], device=device, dtype=dtype),
                             device=device, dtype=dtype).train()
-        for name, group in (("ttt-mlp", block.checkpoint_group), ("ttt-mlp-no-checkpoint", 0)):
-            block.checkpoint_group = group
+        for name, group in (("ttt-mlp", block.scan_group), ("ttt-mlp-no-checkpoint", 0)):
+            block.scan_group = group
             measured[name] = measure(lambda m=block: m(x), block, x, x0, grad_out, device)
         del block
         plain_ms, plain_gib, plain_flops = measured["plain"]

@@ -182,7 +182,7 @@ def test_gate_at_zero_is_the_identity_and_ttt_off_keeps_the_initial_weights():
 def test_gradcheck_every_parameter():
     block = make_block(dim=4, heads=2, mini_batch=2, conv_kernel=2)
     block.train()
-    block.checkpoint_group = 1
+    block.scan_group = 1
     x = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
     params = [p for p in block.parameters()]
     names = [n for n, _ in block.named_parameters()]

@@ -12,7 +12,7 @@ _FROM_MODULE = {
                                          "save_moshi_lm", "save_ttt_lm", "save_ttt_weights", "ttt_state_dict")},
     "TTTConfig": ".config",
     **{name: ".convert" for name in ("apply_ttt", "document_segments", "retune_ttt", "set_ttt_enabled",
-                                     "ttt_layers")},
+                                     "ttt_disabled", "ttt_layers")},
     **{name: ".tiny" for name in ("build_lm", "tiny_lm_config", "tiny_mimi_config")},
 }
 __all__ = sorted(_FROM_MODULE)

@@ -164,7 +164,7 @@ class TTTConfig:
         """Keyword arguments of the method's layer (`InPlaceTTTGating`, `TTTMLPBlock`) that this config sets."""
         if self.method == "ttt_mlp":
             return dict(mini_batch=self.mini_batch, base_lr=self.base_lr, conv_kernel=self.conv_kernel,
-                        gate_init=self.gate_init, checkpoint_group=self.scan_group)
+                        gate_init=self.gate_init, scan_group=self.scan_group)
         return dict(chunk_size=self.chunk_size, eta=self.eta, kernel_size=self.kernel_size,
                     kernel_past=self.kernel_past,
                     clip_tau=self.clip_tau, forget=self.forget, init=self.init, init_std=self.init_std,

@@ -150,7 +150,6 @@ RETUNABLE = {  # per method, the settings no parameter depends on
     "ttt_mlp": ("base_lr", "scan_group"),
 }
 CONVERSION_ONLY = ("gate_init",)  # read once, when a block is made: a converted model ignores them
-_LAYER_ATTRIBUTE = {"scan_group": "checkpoint_group"}
 
 
 def retune_ttt(lm_model: LMModel, config: TTTConfig) -> None:
@@ -179,11 +178,20 @@ def retune_ttt(lm_model: LMModel, config: TTTConfig) -> None:
     slot = "gating" if config.method == "inplace" else TTT_MLP_SLOT
     for i in config.layer_indices(num_layers):
         for name in retunable:
-            setattr(getattr(lm_model.transformer.layers[i], slot), _LAYER_ATTRIBUTE.get(name, name),
-                    getattr(config, name))
+            setattr(getattr(lm_model.transformer.layers[i], slot), name, getattr(config, name))
     configs[index] = config
     lm_model.ttt_configs = tuple(configs)
     lm_model.ttt_config = configs[0]
+
+
+@contextlib.contextmanager
+def ttt_disabled(model: nn.Module) -> tp.Iterator[None]:
+    """Within the block, the same weights without test-time training (`set_ttt_enabled`)."""
+    set_ttt_enabled(model, False)
+    try:
+        yield
+    finally:
+        set_ttt_enabled(model, True)
 
 
 def set_ttt_enabled(model: nn.Module, enabled: bool) -> None:

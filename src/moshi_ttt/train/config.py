@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from ..models.config import METHOD_FIELDS, TTTConfig
+from ..utils.mappings import deep_merged
 from .finetune_yaml import from_finetune_vocabulary, uses_finetune_vocabulary
 
 MODES = ("ttt", "ttt_layers", "lora", "full")
@@ -242,7 +243,7 @@ class TrainConfig:
         if model != "tiny":
             # A saved TTT model's own settings are the defaults its ttt section changes.
             saved = saved_ttt_settings(model, data.get("config_path")) if isinstance(model, str) and model else None
-            data = _merged(dict(CHECKPOINT_DEFAULTS, ttt=saved or TTTConfig().to_dict()), data)
+            data = deep_merged(dict(CHECKPOINT_DEFAULTS, ttt=saved or TTTConfig().to_dict()), data)
         return _build(cls, data, "")
 
     @classmethod
@@ -280,14 +281,6 @@ def saved_ttt_settings(model: str, config_path: str | None = None) -> dict[str, 
         return None
     saved = saved[0] if isinstance(saved, list) and saved else saved
     return TTTConfig.from_dict(saved).to_dict() if isinstance(saved, dict) else None
-
-
-def _merged(base: tp.Mapping[str, tp.Any], data: tp.Mapping[str, tp.Any]) -> dict[str, tp.Any]:
-    out = dict(base)
-    for key, value in data.items():
-        both = isinstance(value, tp.Mapping) and isinstance(out.get(key), tp.Mapping)
-        out[key] = _merged(out[key], value) if both else value
-    return out
 
 
 def _build(cls, data: tp.Any, prefix: str):

@@ -26,6 +26,8 @@ import copy
 import typing as tp
 from pathlib import Path
 
+from ..utils.mappings import deep_merged
+
 FINETUNE_ONLY = ("moshi_paths", "full_finetuning", "num_ckpt_keep", "param_dtype")  # not TrainConfig keys
 DEFAULT_REPO = "kyutai/moshiko-pytorch-bf16"  # moshi-finetune's default moshi_paths.hf_repo_id
 ONLY_AT_THE_END = 10 ** 9
@@ -59,8 +61,8 @@ def from_finetune_vocabulary(data: tp.Mapping[str, tp.Any]) -> dict[str, tp.Any]
 
 
 def _translated(data: tp.Mapping[str, tp.Any]) -> dict[str, tp.Any]:
-    explicit = copy.deepcopy(dict(data))
-    out = _with_defaults(DEFAULTS, explicit)
+    explicit = data
+    out = copy.deepcopy(deep_merged(DEFAULTS, explicit))  # copied: the sections below are edited
     if "mode" in explicit:  # this package's own key for what trains, beside moshi-finetune's others
         if "full_finetuning" in explicit or "enable" in (explicit.get("lora") or {}):
             raise ValueError("mode and full_finetuning / lora.enable both say what trains: give one")
@@ -97,14 +99,6 @@ def _translated(data: tp.Mapping[str, tp.Any]) -> dict[str, tp.Any]:
     if out.get("run_dir") == "":
         raise ValueError("run_dir is empty: give the directory the run writes (moshi-finetune's example says "
                          "'Fill')")
-    return out
-
-
-def _with_defaults(base: tp.Mapping[str, tp.Any], data: tp.Mapping[str, tp.Any]) -> dict[str, tp.Any]:
-    out = copy.deepcopy(dict(base))
-    for key, value in data.items():
-        both = isinstance(value, tp.Mapping) and isinstance(out.get(key), tp.Mapping)
-        out[key] = _with_defaults(out[key], value) if both else value
     return out
 
 

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..models import (build_lm, checkpoint_info, document_segments, is_ttt_checkpoint, load_moshi_lm, load_ttt_lm,
-                      retune_ttt, save_moshi_lm, save_ttt_lm, set_ttt_enabled, tiny_lm_config)
+                      retune_ttt, save_moshi_lm, save_ttt_lm, tiny_lm_config, ttt_disabled)
 from ..models.checkpoints import with_assets
 from ..models.convert import ttt_layers
 from ..utils.atomic import atomic_file
@@ -389,11 +389,8 @@ def _validation_losses(config: TrainConfig, dist: Distributed, lm: LMModel,
         return {f"{prefix}/{k}": v for k, v in values.items()}
     out = losses("eval")
     if ttt_layers(lm):
-        set_ttt_enabled(lm, False)
-        try:
+        with ttt_disabled(lm):
             out.update(losses("eval_ttt_off"))
-        finally:
-            set_ttt_enabled(lm, True)
     return out
 
 
@@ -561,11 +558,8 @@ class RecallProbe:
         name = "baseline trained without TTT" if self.config.baseline else "TTT"
         results = {name: score()}
         if ttt_layers(lm):
-            set_ttt_enabled(lm, False)
-            try:
+            with ttt_disabled(lm):
                 results["same weights, TTT off (diagnostic)"] = score()
-            finally:
-                set_ttt_enabled(lm, True)
         return results
 
     STREAMS = 4

@@ -34,14 +34,14 @@ class TTTMLPBlock(FastWeightLayer, StreamingModule[TTTMLPStreamState]):
         base_lr: the inner learning rate's scale (0.1 for TTT-MLP in the paper).
         conv_kernel: K of the causal convolutions on queries and keys; 0 for none.
         gate_init: alpha's initial value.
-        checkpoint_group: mini-batches per checkpointed group of the scan in training.
+        scan_group: mini-batches per checkpointed group of the scan in training.
     """
 
     method = "ttt_mlp"
     own_parameters = ("",)  # the whole block is new
 
     def __init__(self, dim: int, num_heads: int, norm: nn.Module, *, mini_batch: int = 16, base_lr: float = 0.1,
-                 conv_kernel: int = 0, gate_init: float = 0.1, checkpoint_group: int = 16, device=None, dtype=None):
+                 conv_kernel: int = 0, gate_init: float = 0.1, scan_group: int = 16, device=None, dtype=None):
         super().__init__()
         check_positive_int("dim", dim)
         check_positive_int("num_heads", num_heads)
@@ -52,15 +52,15 @@ class TTTMLPBlock(FastWeightLayer, StreamingModule[TTTMLPStreamState]):
             raise ValueError(f"base_lr={base_lr!r}: expected a finite number >= 0")
         if isinstance(conv_kernel, bool) or not isinstance(conv_kernel, int) or conv_kernel < 0:
             raise ValueError(f"conv_kernel={conv_kernel!r}: expected 0 (no convolution) or an integer >= 1")
-        if isinstance(checkpoint_group, bool) or not isinstance(checkpoint_group, int) or checkpoint_group < 0:
-            raise ValueError(f"checkpoint_group={checkpoint_group!r}: expected an integer >= 0")
+        if isinstance(scan_group, bool) or not isinstance(scan_group, int) or scan_group < 0:
+            raise ValueError(f"scan_group={scan_group!r}: expected an integer >= 0")
         factory = dict(device=device, dtype=dtype)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.mini_batch = mini_batch
         self.base_lr = float(base_lr)
         self.gate_init = float(gate_init)
         self.conv_kernel = conv_kernel
-        self.checkpoint_group = checkpoint_group
+        self.scan_group = scan_group
         f, H = self.head_dim, num_heads
         self.norm = norm
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
@@ -152,7 +152,7 @@ class TTTMLPBlock(FastWeightLayer, StreamingModule[TTTMLPStreamState]):
         q, k, v, lr = self._heads(h, *self._conv_inputs(h))
         losses = [] if self.capture is not None else None
         out, _ = ttt_mlp(q, k, v, lr, self.token_scales(), self.ln_weight, self.ln_bias, self.initial_weights(),
-                         checkpoint_group=self.checkpoint_group if self.training else 0, losses=losses)
+                         checkpoint_group=self.scan_group if self.training else 0, losses=losses)
         if self.capture is not None:  # [B, H, 0, 5] for a document shorter than a mini-batch
             self.capture.append(torch.stack(losses, dim=2) if losses else q.new_zeros(*q.shape[:2], 0, 5))
         return _merge_heads(out)
