@@ -60,10 +60,10 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert all(torch.equal(final_whole[k], final_split[k]) for k in final_whole)
 
 
-def test_two_processes_take_the_same_steps_as_one(tmp_path):
+def test_two_ddp_processes_take_the_same_steps_as_one(tmp_path):
     single = config(tmp_path, "single", max_steps=3, ckpt_freq=3)
     train(single)
-    double = config(tmp_path, "double", max_steps=3, ckpt_freq=3, batch_size=1, device="cpu")
+    double = config(tmp_path, "double", max_steps=3, ckpt_freq=3, batch_size=1, device="cpu", distributed="ddp")
     (tmp_path / "double.yaml").write_text(double.to_yaml())
     torchrun = Path(sys.executable).parent / "torchrun"
     command = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "moshi_ttt.cli", "train",
@@ -382,11 +382,12 @@ def test_a_used_run_dir_is_never_clobbered(tmp_path):
 def test_keep_last_never_deletes_the_checkpoint_just_written(tmp_path):
     run_dir = tmp_path / "run"
     lm = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(lm.parameters())
     for step in (70, 60):  # an older run's later checkpoint is still there
-        checkpointing.save_checkpoint(run_dir, step, lm, {"step": step}, "", keep_last=2)
-    checkpointing.save_checkpoint(run_dir, 10, lm, {"step": 10}, "", keep_last=2)
+        checkpointing.save_checkpoint(run_dir, step, lm, optimizer, {"step": step}, "", keep_last=2)
+    checkpointing.save_checkpoint(run_dir, 10, lm, optimizer, {"step": 10}, "", keep_last=2)
     assert [p.name for p in checkpointing.list_checkpoints(run_dir)] == ["step_000010", "step_000070"]
-    checkpointing.save_checkpoint(run_dir, 20, lm, {"step": 20}, "", keep_last=1)
+    checkpointing.save_checkpoint(run_dir, 20, lm, optimizer, {"step": 20}, "", keep_last=1)
     assert [p.name for p in checkpointing.list_checkpoints(run_dir)] == ["step_000020"]
 
 
@@ -434,3 +435,18 @@ def test_a_ttt_section_with_a_ttt_model_is_applied_or_refused(tmp_path):
                         ttt={"x0_source": "input"})
     with pytest.raises(ValueError, match=r"structure cannot change \(ttt.x0_source: 'text' -> 'input'\)"):
         train(structural)
+
+
+def test_gradient_checkpointing_recomputes_the_depformer_too(tmp_path):
+    """As moshi's LMModel(gradient_checkpointing=True): both transformers, the same gradients."""
+    grads = []
+    for enabled in (False, True):
+        lm = trainer.build_model(config(tmp_path, gradient_checkpointing=enabled), torch.device("cpu"))
+        assert lm.transformer.checkpointing is enabled and lm.depformer.checkpointing is enabled
+        codes = torch.randint(0, 32, (2, lm.num_codebooks, 40))
+        out = lm(codes)
+        (out.logits.nan_to_num().square().mean() + out.text_logits.nan_to_num().square().mean()).backward()
+        grads.append({n: p.grad for n, p in lm.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(n.startswith("depformer.") for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)

@@ -5,6 +5,11 @@
         training_state.pt       optimizer, schedule, RNG states, data position, step
         config.yaml             the resolved training config
 
+Under FSDP, `trainable/` (torch.distributed.checkpoint: each process writes its shards
+of what trains and of the optimizer's state) takes the place of trainable.safetensors
+and of the optimizer in training_state.pt; it loads on any number of processes, sharded
+or not.
+
 Frozen parameters are not saved: a resumed run rebuilds the model from its
 source (a checkpoint, or the seeded tiny config) and loads what trained on top.
 """
@@ -19,7 +24,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..utils.atomic import atomic_dir
+from ..utils.atomic import atomic_dir, replace_dir
+from .distributed import Distributed
+from .fsdp import SHARDED_DIR, is_sharded, load_sharded, save_sharded
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -52,22 +59,57 @@ def set_rng_state(state: dict[str, tp.Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, training_state: dict[str, tp.Any],
-                    config_yaml: str, keep_last: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    training_state: dict[str, tp.Any], config_yaml: str, keep_last: int,
+                    dist: Distributed | None = None) -> Path:
+    """Write step `step`'s checkpoint (every process calls it) and keep the last `keep_last`."""
     target = checkpoint_dir(run_dir) / f"step_{step:06d}"
-    trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    with atomic_dir(target) as tmp:
-        save_file(trainable, str(tmp / "trainable.safetensors"))
-        torch.save(training_state, tmp / "training_state.pt")
-        (tmp / "config.yaml").write_text(config_yaml)
-    others = [p for p in list_checkpoints(run_dir) if p != target]  # the one just written always stays
-    for old in others[:max(0, len(others) - (keep_last - 1))]:
-        shutil.rmtree(old)
+    if is_sharded(model):
+        if dist is None:
+            raise ValueError("save_checkpoint: a sharded model is saved by every process: pass their Distributed")
+        _save_sharded_checkpoint(target, model, optimizer, training_state, config_yaml, dist)
+    elif dist is None or dist.is_main:
+        trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        with atomic_dir(target) as tmp:
+            save_file(trainable, str(tmp / "trainable.safetensors"))
+            torch.save({**training_state, "optimizer": optimizer.state_dict()}, tmp / "training_state.pt")
+            (tmp / "config.yaml").write_text(config_yaml)
+    if dist is None or dist.is_main:
+        others = [p for p in list_checkpoints(run_dir) if p != target]  # the one just written always stays
+        for old in others[:max(0, len(others) - (keep_last - 1))]:
+            shutil.rmtree(old)
+    if dist is not None:
+        dist.barrier()
     return target
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, tp.Any]:
-    """Load the trained parameters into `model`; return the training state."""
+def _save_sharded_checkpoint(target: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                             training_state: dict[str, tp.Any], config_yaml: str, dist: Distributed) -> None:
+    """Every process writes its shards into one temporary directory (its name known to all);
+    the main process completes it and renames it into place (so the processes of every node
+    need to see one run_dir: a shared filesystem)."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    if dist.is_main:
+        for stale in target.parent.glob(".step_*.tmp"):  # left by a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    save_sharded(tmp, model, optimizer)
+    if dist.is_main:
+        torch.save(training_state, tmp / "training_state.pt")
+        (tmp / "config.yaml").write_text(config_yaml)
+        replace_dir(tmp, target)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+                    ) -> dict[str, tp.Any]:
+    """Load the trained parameters (and the optimizer's state) into `model`; return the training state."""
+    if (path / SHARDED_DIR).is_dir():
+        load_sharded(path, model, optimizer)
+        return torch.load(path / "training_state.pt", weights_only=False)
+    if is_sharded(model):
+        raise ValueError(f"{path}: written by a run without FSDP (trainable.safetensors); resume it with "
+                         "distributed: ddp, or on one process")
     state = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = sorted(n for n, p in params.items() if p.requires_grad and n not in state)
@@ -78,4 +120,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, tp.Any]:
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)
-    return torch.load(path / "training_state.pt", weights_only=False)
+    training_state = torch.load(path / "training_state.pt", weights_only=False)
+    if optimizer is not None:
+        optimizer.load_state_dict(training_state["optimizer"])
+    return training_state

@@ -24,6 +24,7 @@ MODES = ("ttt", "ttt_layers", "lora", "full")
 TINY_DEFAULTS = {"context": 16}
 SOURCES = ("synthetic", "codes", "finetune")
 RESETS = ("document", "row")
+STRATEGIES = ("auto", "ddp", "fsdp")
 
 
 @dataclass
@@ -125,6 +126,10 @@ class TrainConfig:
     bf16: bool = True  # autocast to bfloat16 on a GPU
     gradient_checkpointing: bool = False
     device: str = "auto"
+    # Under torchrun: fsdp shards parameters, gradients and optimizer states across the
+    # processes (FSDP2, a unit per transformer layer); ddp keeps a whole copy in each; auto:
+    # fsdp, but a resumed run keeps DDP if its checkpoints were written by DDP.
+    distributed: str = "auto"
     seed: int = 0
     run_dir: str = "runs/train"  # a new run needs it empty or absent (or overwrite_run_dir: true)
     overwrite_run_dir: bool = False
@@ -184,6 +189,8 @@ class TrainConfig:
         if self.data.eval_data and self.data.source == "synthetic":
             raise ValueError(f"data.eval_data={self.data.eval_data!r} with data.source='synthetic': synthetic "
                              "runs score recall on their own held-out documents (do_eval); leave it empty")
+        if self.distributed not in STRATEGIES:
+            raise ValueError(f"distributed={self.distributed!r}: expected one of {STRATEGIES}")
         if self.reset_fast_weights not in RESETS:
             raise ValueError(f"reset_fast_weights={self.reset_fast_weights!r}: expected one of {RESETS}")
         _check("stream_from_step", self.stream_from_step, int, minimum=0)

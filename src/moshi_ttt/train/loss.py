@@ -27,6 +27,11 @@ class LossWeights:
     def totals(self) -> torch.Tensor:
         return torch.stack([self.text.sum(), self.audio.sum()])
 
+    def masked_rows(self, kept: torch.Tensor) -> "LossWeights":
+        """These weights with the rows where `kept` [B] is False set to 0."""
+        mask = kept.to(self.text.dtype)[:, None, None]
+        return LossWeights(self.text * mask, self.audio * mask)
+
 
 def loss_weights(lm: LMModel, codes: torch.Tensor, first_codebook_weight_multiplier: float,
                  text_padding_weight: float) -> LossWeights:

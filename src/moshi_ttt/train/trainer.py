@@ -4,11 +4,13 @@ Each step reads `batch_size * world_size * num_microbatches` rows from the
 shared data stream (process r takes its own rows), accumulates gradients over
 the micro-batches, clips them, and takes an AdamW step (warm-up, then cosine decay).
 The loss is normalised by the step's total token weight over every process, so
-a step is the same whatever the split.
+a step is the same whatever the split. Under torchrun the model is sharded with
+FSDP2 (`fsdp.py`) or copied whole into each process with DDP (`distributed`).
 """
 
 import contextlib
 import dataclasses
+import gc
 import functools
 import json
 import math
@@ -34,6 +36,7 @@ from .batches import DocumentSource, SequenceBatcher
 from .checkpointing import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .distributed import Distributed, setup
+from .fsdp import consolidated_state_dict, is_sharded, local, shard_model, whole
 from .interrupts import stop_on_signals
 from .loss import loss_weights, weighted_losses
 from .modes import GROUPS, apply_mode, parameter_group
@@ -71,8 +74,30 @@ def build_model(config: TrainConfig, device: torch.device) -> LMModel:
         if saved:
             retune_ttt(lm, config.ttt)  # the config's eta, forget, ... apply; a structural change is an error
     lm.train()
-    lm.transformer.checkpointing = config.gradient_checkpointing
+    set_gradient_checkpointing(lm, config.gradient_checkpointing)
     return lm
+
+
+def set_gradient_checkpointing(lm: LMModel, enabled: bool) -> None:
+    """Recompute each layer's activations in the backward, in the main transformer and the
+    depformer, as moshi's `LMModel(gradient_checkpointing=...)` does."""
+    for transformer in (lm.transformer, getattr(lm, "depformer", None)):
+        if transformer is not None:
+            transformer.checkpointing = enabled
+
+
+def prepare_model(config: TrainConfig, device: torch.device) -> tuple[LMModel, dict[str, int]]:
+    """The model with what trains (in float32) chosen by the mode; the trainable counts per group."""
+    lm = build_model(config, device)
+    layers = config.ttt.layer_indices(len(lm.transformer.layers)) if config.baseline else None
+    counts = apply_mode(lm, config.mode, config.lora.rank, config.lora.scaling, layers=layers,
+                        ft_embed=config.lora.ft_embed)
+    if not any(p.requires_grad for p in lm.parameters()):
+        raise ValueError(f"mode={config.mode!r} leaves nothing to train in this model")
+    for p in lm.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return lm, counts
 
 
 def build_source(config: TrainConfig, lm: LMModel, documents: str | None = None) -> DocumentSource:
@@ -211,15 +236,11 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
     if config.wandb.project and dist.is_main:
         require_wandb()
     torch.manual_seed(config.seed)
-    lm = build_model(config, dist.device)
-    layers = config.ttt.layer_indices(len(lm.transformer.layers)) if config.baseline else None
-    counts = apply_mode(lm, config.mode, config.lora.rank, config.lora.scaling, layers=layers,
-                        ft_embed=config.lora.ft_embed)
+    lm, counts = prepare_model(config, dist.device)
+    sharded = dist.enabled and _strategy(config, run_dir, resume) == "fsdp"
+    if sharded:
+        shard_model(lm, dist.world_size, dist.device, config.bf16)
     params = [p for p in lm.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    if not params:
-        raise ValueError(f"mode={config.mode!r} leaves nothing to train in this model")
     batcher = SequenceBatcher(build_source(config, lm), config.frames, seed=config.seed,
                               shuffle=config.data.shuffle)
     validation = _validation_set(config, lm) if config.do_eval and config.data.eval_data else None
@@ -229,8 +250,8 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
         optimizer, functools.partial(warmup_cosine, config.max_steps, config.optim.pct_start))
     step = 0
     if resume:
-        step = _resume(run_dir, config, lm, optimizer, schedule, batcher)
-    model = DistributedDataParallel(lm, find_unused_parameters=True) if dist.enabled else lm
+        step = _resume(run_dir, config, lm, optimizer, schedule, batcher, dist)
+    model = DistributedDataParallel(lm, find_unused_parameters=True) if dist.enabled and not sharded else lm
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         with atomic_file(run_dir / "config.yaml") as tmp:
@@ -238,7 +259,8 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
         print(config.to_yaml())
         print("trainable parameters: " + ", ".join(f"{g} {counts[g]:,}" for g in GROUPS))
     metrics_log = MetricsLog(run_dir, dist.is_main, config)
-    probe = RecallProbe.for_run(config, lm) if dist.is_main else None
+    # Sharded, every process runs the model's forwards, the probe's too (only the main one reports).
+    probe = RecallProbe.for_run(config, lm, report=dist.is_main) if (dist.is_main or sharded) else None
     metrics_log.forget_after(step)
     last_step = min(config.max_steps, stop_after) if stop_after is not None else config.max_steps
     rows_per_step = config.batch_size * dist.world_size * config.num_microbatches
@@ -285,20 +307,20 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
             if probe is not None and (step + 1) % config.eval_freq == 0 and not interrupted:
                 recall = probe.measure(lm)
                 metrics.update(recall)
-                progress.write(f"step {step + 1}: held-out recall {100 * recall['recall/accuracy']:.1f}%, "
-                               f"answer CE {recall['recall/cross_entropy']:.3f}, "
-                               f"ratio {recall['recall/key_addressing_ratio']:.3g}")
+                if dist.is_main:
+                    progress.write(f"step {step + 1}: held-out recall {100 * recall['recall/accuracy']:.1f}%, "
+                                   f"answer CE {recall['recall/cross_entropy']:.3f}, "
+                                   f"ratio {recall['recall/key_addressing_ratio']:.3g}")
             if log_now or "recall/accuracy" in metrics or "eval/loss" in metrics:
                 metrics_log.log(step + 1, metrics)
             if log_now and dist.is_main and not interactive:
                 print(f"step {step + 1}/{config.max_steps}: loss {metrics['loss']:.3f}, lr {metrics['lr']:.2e}, "
                       f"{metrics['frames_per_s']:.0f} frames/s, {train_s:.0f} s", flush=True)
             if config.do_ckpt and ((step + 1) % config.ckpt_freq == 0 or step + 1 == last_step or interrupted):
-                if dist.is_main:
-                    state = {"step": step + 1, "optimizer": optimizer.state_dict(),
-                             "schedule": schedule.state_dict(), "rng": rng_state(), "data": batcher.state_dict()}
-                    last_saved = save_checkpoint(run_dir, step + 1, lm, state, config.to_yaml(), config.keep_last)
-                dist.barrier()
+                state = {"step": step + 1, "schedule": schedule.state_dict(), "rng": rng_state(),
+                         "data": batcher.state_dict()}
+                last_saved = save_checkpoint(run_dir, step + 1, lm, optimizer, state, config.to_yaml(),
+                                             config.keep_last, dist)
             if interrupted:
                 progress.close()
                 break
@@ -321,6 +343,16 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
         if plot is not None:
             print(f"losses plotted in {plot}")
     result = {"losses": losses, "trainable": counts, "run_dir": str(run_dir)}
+    if last_step == config.max_steps and sharded:  # the main process gets the whole model back
+        whole_state = consolidated_state_dict(lm)
+        del model, optimizer, schedule, params, fast_layers, inplace_layers
+        lm = None
+        gc.collect()  # the shards go before the whole model comes
+        if dist.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if dist.is_main:
+            lm = prepare_model(config, dist.device)[0]
+            lm.load_state_dict(whole_state)
     if last_step == config.max_steps and dist.is_main:
         if probe is not None:
             result["recall"] = probe.final(lm, run_dir / "recall")
@@ -330,6 +362,14 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
     return result
 
 
+def _strategy(config: TrainConfig, run_dir: Path, resume: bool) -> str:
+    """ddp or fsdp; `auto` is fsdp, but a resumed run keeps DDP if its checkpoint was written by one."""
+    if config.distributed != "auto":
+        return config.distributed
+    checkpoints = list_checkpoints(run_dir) if resume else []
+    return "ddp" if checkpoints and (checkpoints[-1] / "trainable.safetensors").is_file() else "fsdp"
+
+
 def streams_at(config: TrainConfig, step: int) -> bool:
     """Whether the rows of this step keep their fast weights across documents (one conversation a row)."""
     return config.reset_fast_weights == "row" and step >= config.stream_from_step
@@ -337,6 +377,7 @@ def streams_at(config: TrainConfig, step: int) -> bool:
 
 def _train_step(config: TrainConfig, dist: Distributed, lm: LMModel, model: torch.nn.Module,
                 batcher: SequenceBatcher, optimizer: torch.optim.Optimizer, streams: bool) -> dict[str, float]:
+    """One optimizer step over `num_microbatches` micro-batches, gradients reduced after the last."""
     micro_rows = config.batch_size * dist.world_size
     batches = []
     for _ in range(config.num_microbatches):
@@ -349,16 +390,19 @@ def _train_step(config: TrainConfig, dist: Distributed, lm: LMModel, model: torc
                                                       config.text_padding_weight)))
     totals = dist.all_reduce_sum(sum(w.totals() for _, _, w in batches)).clamp(min=1e-6)
     sums = torch.zeros(2, device=dist.device)
+    sharded = is_sharded(lm)  # FSDP reduces every micro-batch's gradients: they stay sharded
     for i, (codes, segments, weights) in enumerate(batches):
         last = i == len(batches) - 1
-        sync = contextlib.nullcontext() if (last or not dist.enabled) else model.no_sync()
+        sync = contextlib.nullcontext() if (last or not dist.enabled or sharded) else model.no_sync()
         with sync, _autocast(config, dist.device), document_segments(lm, segments):
             parts = weighted_losses(model(codes), codes, weights)
             (parts / totals).sum().mul(dist.world_size).backward()
         sums += parts.detach()
-    grad_norms = _grad_norms(lm)
+    squares = _grad_squares(lm, dist if sharded else None)
+    grad_norms = {f"grad_norm/{g}": math.sqrt(v) for g, v in zip(GROUPS, squares.tolist()) if v > 0}
     if config.max_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in lm.parameters() if p.requires_grad], config.max_norm)
+        torch.nn.utils.clip_grads_with_norm_([p for p in lm.parameters() if p.requires_grad], config.max_norm,
+                                             squares.sum().sqrt().to(dist.device))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     text, audio = (dist.all_reduce_sum(sums) / totals).tolist()
@@ -398,12 +442,17 @@ def _autocast(config: TrainConfig, device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.bf16)
 
 
-def _grad_norms(lm: LMModel) -> dict[str, float]:
-    squares = {group: 0.0 for group in GROUPS}
+def _grad_squares(lm: LMModel, shards: Distributed | None) -> torch.Tensor:
+    """The squared gradient norm of each parameter group (GROUPS); of the whole gradients when
+    they are sharded across `shards` (each process sums the squares of its own part)."""
+    device = shards.device if shards is not None else next(lm.parameters()).device
+    squares = torch.zeros(len(GROUPS), dtype=torch.float64, device=device)
     for name, param in lm.named_parameters():
         if param.grad is not None:
-            squares[parameter_group(name)] += param.grad.detach().float().square().sum().item()
-    return {f"grad_norm/{g}": math.sqrt(v) for g, v in squares.items() if v > 0}
+            squares[GROUPS.index(parameter_group(name))] += local(param.grad).detach().double().square().sum()
+    if shards is not None:
+        shards.all_reduce_sum(squares)
+    return squares
 
 
 def _update_norms(fast_layers: list) -> dict[str, float]:
@@ -422,14 +471,15 @@ def _gates(fast_layers: list) -> dict[str, float]:
     """Mean |tanh(alpha)| of each TTT-MLP block's gate: a peer's gates drifted toward 0 in
     finetuning (the model learning to ignore its blocks), so it is worth watching."""
     with torch.no_grad():
-        return {f"ttt_gate/{name}": layer.gate.tanh().abs().mean().item()
+        return {f"ttt_gate/{name}": whole(layer.gate).tanh().abs().mean().item()
                 for name, layer in fast_layers if layer.method == "ttt_mlp"}
 
 
-# Settings a resumed run may change: they do not change what it computes.
-RESUMABLE_CHANGES = ("run_dir", "device", "log_freq", "ckpt_freq", "keep_last", "overwrite_run_dir", "do_ckpt",
-                     "save_adapters", "do_eval", "eval_freq", "data.eval_data", "wandb.project", "wandb.run_name",
-                     "wandb.key", "wandb.offline")
+# Settings a resumed run may change: they do not change what it computes (but for
+# `distributed` on a GPU: FSDP computes what trains in bf16, see fsdp.py).
+RESUMABLE_CHANGES = ("run_dir", "device", "distributed", "log_freq", "ckpt_freq", "keep_last", "overwrite_run_dir",
+                     "do_ckpt", "save_adapters", "do_eval", "eval_freq", "data.eval_data", "wandb.project",
+                     "wandb.run_name", "wandb.key", "wandb.offline")
 
 
 def _claim_run_dir(run_dir: Path, overwrite: bool, dist: Distributed) -> None:
@@ -452,7 +502,8 @@ def _claim_run_dir(run_dir: Path, overwrite: bool, dist: Distributed) -> None:
     dist.barrier()
 
 
-def _resume(run_dir: Path, config: TrainConfig, lm: LMModel, optimizer, schedule, batcher: SequenceBatcher) -> int:
+def _resume(run_dir: Path, config: TrainConfig, lm: LMModel, optimizer, schedule, batcher: SequenceBatcher,
+            dist: Distributed) -> int:
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
@@ -464,12 +515,12 @@ def _resume(run_dir: Path, config: TrainConfig, lm: LMModel, optimizer, schedule
         listed = ", ".join(f"{k}: {started.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
         raise ValueError(f"--resume: the run in {run_dir} was started with other settings ({listed}); resume it "
                          "with its own config (its config.yaml), or start a new run in another run_dir")
-    state = load_checkpoint(checkpoints[-1], lm)
-    optimizer.load_state_dict(state["optimizer"])
+    state = load_checkpoint(checkpoints[-1], lm, optimizer)
     schedule.load_state_dict(state["schedule"])
     batcher.load_state_dict(state["data"])
     set_rng_state(state["rng"])
-    print(f"resumed from {checkpoints[-1]} (step {state['step']})")
+    if dist.is_main:
+        print(f"resumed from {checkpoints[-1]} (step {state['step']})")
     return state["step"]
 
 
@@ -518,11 +569,11 @@ class RecallProbe:
         self.reach = attention_reach(lm)
 
     @classmethod
-    def for_run(cls, config: TrainConfig, lm: LMModel) -> "RecallProbe | None":
+    def for_run(cls, config: TrainConfig, lm: LMModel, report: bool = True) -> "RecallProbe | None":
         if not config.do_eval:
             return None
         if config.data.source != "synthetic":
-            if not config.data.eval_data:
+            if not config.data.eval_data and report:
                 print(f"do_eval: no held-out data for data.source={config.data.source!r}: set data.eval_data "
                       "for a validation loss during training, or evaluate the trained model with moshi-ttt eval")
             return None

@@ -4,7 +4,9 @@ The held-out documents (`data.eval_data`, of the training data's kind) are cut o
 rows of the training length, in order, packed as in training (each document its own fast
 weights), at most `max_rows` of them; the frames that fill no whole row are left out. Every
 evaluation reads the same rows with the model in eval mode: each process a share, the
-weighted sums reduced, so the loss is the same on any number of processes.
+weighted sums reduced, so the loss is the same on any number of processes. Every process
+runs as many forwards (a sharded model's forward is a collective): one short of rows
+scores a copy of a row with weight 0.
 """
 
 import typing as tp
@@ -40,11 +42,16 @@ class ValidationSet:
         sums = torch.zeros(4, device=dist.device)  # text, audio, and their weight totals
         try:
             mine = self.plans[dist.rank::dist.world_size]
-            for start in range(0, len(mine), batch_size):
+            share = -(-len(self.plans) // dist.world_size)
+            counted = [True] * len(mine) + [False] * (share - len(mine))
+            mine = mine + self.plans[:share - len(mine)]
+            for start in range(0, share, batch_size):
                 rows = [self.batcher.load_row(plan) for plan in mine[start:start + batch_size]]
                 codes = torch.stack([c for c, _ in rows]).to(dist.device)
                 segments = torch.stack([s for _, s in rows]).to(dist.device)
                 weights = loss_weights(lm, codes, first_codebook_weight_multiplier, text_padding_weight)
+                kept = torch.tensor(counted[start:start + batch_size], device=dist.device)
+                weights = weights.masked_rows(kept)
                 with autocast(), document_segments(lm, segments):
                     parts = weighted_losses(lm(codes), codes, weights)
                 sums += torch.cat([parts, weights.totals()])

@@ -30,15 +30,24 @@ def atomic_dir(path: str | Path) -> tp.Iterator[Path]:
     """Yield a temporary directory to fill; it replaces the directory `path` when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = path.with_name(f".{path.name}.tmp-{tag}")
-    old = path.with_name(f".{path.name}.old-{tag}")
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
         yield tmp
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
+        replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+
+
+def replace_dir(complete: Path, path: Path) -> None:
+    """Put the complete directory `complete` at `path`, moving aside (then removing) what was there."""
+    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+    if path.exists():
+        os.replace(path, old)
+    try:
+        os.replace(complete, path)
+    except BaseException:
+        if old.exists():  # the new one could not go in: the old one goes back
+            os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
