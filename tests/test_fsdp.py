@@ -15,7 +15,7 @@ import torch
 from moshi.models import loaders
 from safetensors.torch import load_file
 
-from moshi_ttt import build_lm, load_ttt_lm, tiny_lm_config
+from moshi_ttt import TTTConfig, build_lm, load_ttt_lm, tiny_lm_config
 from moshi_ttt.train import TrainConfig, train
 from moshi_ttt.train import checkpointing, trainer
 from moshi_ttt.train.fsdp import SHARDED_DIR
@@ -31,6 +31,7 @@ RUNS = {
     "lora": {"mode": "lora", "lora": {"rank": 4}, "save_adapters": True, "num_microbatches": 2,
              "gradient_checkpointing": True, "eval_freq": 3, "max_steps": 6},
     "ttt_mlp": {"mode": "ttt", "ttt": {"method": "ttt_mlp", "layers": [1], "mini_batch": 16}, "do_eval": False},
+    "full": {"mode": "full", "do_eval": False},
 }
 MAX_STEPS = 4
 
@@ -159,7 +160,7 @@ def test_a_sharded_checkpoint_resumes_under_ddp(runs):
     assert (runs / "lora-ddp" / "checkpoints" / "step_000006" / "trainable.safetensors").is_file()
 
 
-@pytest.mark.parametrize("run", ["ttt_layers", "ttt_mlp"])
+@pytest.mark.parametrize("run", ["ttt_layers", "ttt_mlp", "full"])
 def test_the_consolidated_final_model_is_the_trained_one(runs, run):
     final = runs / f"{run}-fsdp" / "final"
     config_two = TrainConfig.load(runs / f"{run}-fsdp" / "config.yaml")
@@ -201,6 +202,13 @@ def test_a_ddp_run_resumes_under_ddp_and_not_under_fsdp(runs, tmp_path):
     assert sorted(one) == sorted(resumed)
     for step in one:
         assert resumed[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5)
+
+
+def test_ttt_layers_keep_moshi_s_fsdp_contract():
+    """moshi marks the modules that are FSDP units, or lie whole inside one, with `_fsdp_final`."""
+    lm = build_lm(tiny_lm_config(), [TTTConfig(layers=[0]), TTTConfig(method="ttt_mlp", layers=[1])])
+    assert lm.transformer.layers[0].gating._fsdp_final and lm.transformer.layers[1].ttt_mlp._fsdp_final
+    assert lm.transformer.layers[2].gating._fsdp_final  # moshi's own
 
 
 def test_moshi_modules_take_fsdp_classes_that_keep_its_methods_first():

@@ -61,6 +61,7 @@ class InPlaceTTTGating(FastWeightLayer, StreamingModule[FastWeightState]):
 
     method = "inplace"
     own_parameters = ("ttt_target",)  # linear_in and linear_out are Moshi's own
+    _fsdp_final = True  # as moshi's ActivationGating: a whole FSDP unit or inside one, never split
 
     def __init__(self, dim: int, hidden: int, activation: tp.Callable, *, chunk_size: int = 512,
                  eta: float = 1.0, kernel_size: int = 2, kernel_past: int = 0, clip_tau: float | None = None,

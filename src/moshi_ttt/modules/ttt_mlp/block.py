@@ -39,6 +39,7 @@ class TTTMLPBlock(FastWeightLayer, StreamingModule[TTTMLPStreamState]):
 
     method = "ttt_mlp"
     own_parameters = ("",)  # the whole block is new
+    _fsdp_final = True  # as moshi's layers: a whole FSDP unit or inside one, never split
 
     def __init__(self, dim: int, num_heads: int, norm: nn.Module, *, mini_batch: int = 16, base_lr: float = 0.1,
                  conv_kernel: int = 0, gate_init: float = 0.1, scan_group: int = 16, device=None, dtype=None):
