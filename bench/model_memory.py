@@ -106,7 +106,7 @@ def moshi_7b(mode: str, ttt: bool) -> torch.nn.Module:
 
 
 def static_counts(lm) -> dict[str, float]:
-    """Parameters (millions): frozen, trained, and the largest transformer-layer unit and the root."""
+    """Parameter counts: frozen, trained, and those of the largest transformer-layer unit and the root."""
     frozen = sum(p.numel() for p in lm.parameters() if not p.requires_grad)
     trained = sum(p.numel() for p in lm.parameters() if p.requires_grad)
     units = [m for m in lm.modules() if isinstance(m, StreamingTransformerLayer)]

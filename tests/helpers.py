@@ -1,4 +1,9 @@
-"""Shared test helpers: seeded inputs and streaming runs."""
+"""Shared test helpers: seeded inputs, streaming runs, `moshi-ttt train` under torchrun."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -21,3 +26,14 @@ def stream(layer, x, x0, step_sizes):
             t += size
             i += 1
     return torch.cat(outs, dim=1)
+
+
+def torchrun_train(config_path: Path, *arguments: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`moshi-ttt train --config config_path` on two CPU processes (gloo)."""
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
+               "-m", "moshi_ttt.cli", "train", "--config", str(config_path), *arguments]
+    done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
+    if check:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done

@@ -3,10 +3,8 @@ resume from sharded checkpoints, a consolidated final model, validation across s
 
 import copy
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from moshi_ttt.train import TrainConfig, train
 from moshi_ttt.train import checkpointing, trainer
 from moshi_ttt.train.fsdp import SHARDED_DIR
 
+from helpers import torchrun_train
 from test_train import config
 
 # Each run: what it changes in test_train's SMALL config. The two-process runs take half
@@ -27,7 +26,7 @@ from test_train import config
 RUNS = {
     # held-out code files of 5 rows: the two processes score 3 and 2 (one padded forward)
     "ttt_layers": {"mode": "ttt_layers", "eval_freq": 2, "seq_frames": 64},
-    # micro-batches (gradients kept unreduced until the last), activation checkpointing, the recall probe
+    # micro-batches (FSDP reduces each one's gradients), activation checkpointing, the recall probe
     "lora": {"mode": "lora", "lora": {"rank": 4}, "save_adapters": True, "num_microbatches": 2,
              "gradient_checkpointing": True, "eval_freq": 3, "max_steps": 6},
     "ttt_mlp": {"mode": "ttt", "ttt": {"method": "ttt_mlp", "layers": [1], "mini_batch": 16}, "do_eval": False},
@@ -60,13 +59,7 @@ def torchrun(root: Path, run_config: TrainConfig, *arguments: str, check: bool =
              ) -> subprocess.CompletedProcess:
     path = root / f"{Path(run_config.run_dir).name}.yaml"
     path.write_text(run_config.to_yaml())
-    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
-               "-m", "moshi_ttt.cli", "train", "--config", str(path), *arguments]
-    done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=600)
-    if check:
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+    return torchrun_train(path, *arguments, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -211,21 +204,54 @@ def test_ttt_layers_keep_moshi_s_fsdp_contract():
     assert lm.transformer.layers[2].gating._fsdp_final  # moshi's own
 
 
-def test_moshi_modules_take_fsdp_classes_that_keep_its_methods_first():
-    """The class swap of `fsdp._allow_class_swap`: FSDPModule's methods win over the module's,
-    FSDPModule.__new__ finds the module's class at __mro__[2], and deepcopy is refused."""
+def test_moshi_modules_take_fsdp_classes_that_shadow_none_of_its_methods():
+    """The class swap of `fsdp._allow_class_swap`: moshi's classes define none of FSDPModule's
+    methods (they come first in the lookup), FSDPModule.__new__ finds the module's class at
+    __mro__[2], and deepcopy is refused."""
+    from moshi.models.lm import LMModel
     from moshi.modules.transformer import StreamingTransformerLayer
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.fsdp._fully_shard._fully_shard import cls_to_fsdp_cls
     from moshi_ttt.train.fsdp import _allow_class_swap
-    _allow_class_swap(StreamingTransformerLayer)
-    swapped = cls_to_fsdp_cls[StreamingTransformerLayer]
-    assert swapped.__mro__[2] is StreamingTransformerLayer
-    for name, value in vars(FSDPModule).items():
-        if callable(value) and not name.startswith("__"):
-            assert getattr(swapped, name) is value, name
+    for cls in (StreamingTransformerLayer, LMModel):
+        _allow_class_swap(cls)
+        swapped = cls_to_fsdp_cls[cls]
+        assert swapped.__mro__[2] is cls
+        for name, value in vars(FSDPModule).items():
+            if callable(value) and name != "__new__":
+                assert getattr(swapped, name) is value, (cls.__name__, name)
     layer = build_lm(tiny_lm_config()).transformer.layers[0]
     layer.__class__ = swapped  # what fully_shard does; CPython refuses torch's own class here
     assert isinstance(layer, FSDPModule)
     with pytest.raises(TypeError, match="cannot be deep-copied"):
         copy.deepcopy(layer)
+
+
+def test_a_failed_write_on_the_main_process_stops_every_process():
+    """The others do not wait at a barrier for a checkpoint that will never come."""
+    class OtherProcess:
+        is_main, device = False, torch.device("cpu")
+
+        def all_reduce_max(self, tensor):
+            return tensor.fill_(1.0)  # what the main process reports after its error
+    with pytest.raises(RuntimeError, match="the main process failed to write the checkpoint"):
+        checkpointing._on_main_for_all(OtherProcess(), lambda: None)
+
+
+def test_replacing_a_checkpoint_puts_the_old_one_back_when_the_new_one_cannot_go_in(tmp_path, monkeypatch):
+    from moshi_ttt.utils import atomic
+    old, new = tmp_path / "step_000004", tmp_path / ".step_000004.tmp"
+    for directory, text in ((old, "old"), (new, "new")):
+        directory.mkdir()
+        (directory / "trainable").write_text(text)
+    real = atomic.os.replace
+
+    def failing(source, destination):
+        if Path(source) == new:
+            raise OSError("no space left on device")
+        real(source, destination)
+    monkeypatch.setattr(atomic.os, "replace", failing)
+    with pytest.raises(OSError, match="no space left"):
+        atomic.replace_dir(new, old)
+    assert (old / "trainable").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".step_000004.tmp", "step_000004"]

@@ -169,3 +169,43 @@ def test_ttt_mlp_under_autocast_keeps_its_inner_loop_in_float32():
         grads.append([p.grad for p in block.parameters()])
     for full, mixed in zip(*grads):
         assert (mixed - full).abs().max() <= 0.05 * full.abs().max()
+
+
+def test_fsdp_bf16_policy_trains_like_autocast(tmp_path, monkeypatch):
+    """One NCCL process: the sharded model (bf16 gathers, float32 reduction and masters) and
+    the plain one under autocast take close steps from the same weights."""
+    import torch.distributed as dist
+    from moshi_ttt.models import document_segments
+    from moshi_ttt.train.fsdp import shard_model
+    from moshi_ttt.train.loss import loss_weights, weighted_losses
+    from moshi_ttt.train.modes import apply_mode
+    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29541"), ("RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    dist.init_process_group("nccl")
+    try:
+        models = []
+        for sharded in (False, True):
+            lm = build_lm(tiny_lm_config(), TTTConfig(every=2, chunk_size=16, init="normal", init_std=0.05),
+                          seed=0, device="cuda", dtype=torch.bfloat16).train()
+            apply_mode(lm, "ttt_layers")
+            for p in lm.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+            if sharded:
+                shard_model(lm, 1, torch.device("cuda"), bf16=True)
+            models.append(lm)
+        codes = torch.randint(0, 32, (2, models[0].num_codebooks, 96), device="cuda")
+        losses, norms = [], []
+        for lm in models:
+            weights = loss_weights(lm, codes, 100.0, 0.5)
+            with torch.autocast("cuda", dtype=torch.bfloat16), document_segments(lm, None):
+                loss = (weighted_losses(lm(codes), codes, weights) / weights.totals()).sum()
+            loss.backward()
+            losses.append(loss.item())
+            grads = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                     for p in lm.parameters() if p.grad is not None]
+            norms.append(torch.stack([g.float().norm() for g in grads]).norm().item())
+        assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+        assert norms[1] == pytest.approx(norms[0], rel=5e-2) and norms[0] > 0
+    finally:
+        dist.destroy_process_group()

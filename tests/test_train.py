@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from helpers import torchrun_train
 from moshi_ttt import TTTConfig, build_lm, tiny_lm_config, ttt_layers
 from moshi_ttt.train import TrainConfig, train
 from moshi_ttt.train import checkpointing, trainer
@@ -65,12 +64,7 @@ def test_two_ddp_processes_take_the_same_steps_as_one(tmp_path):
     train(single)
     double = config(tmp_path, "double", max_steps=3, ckpt_freq=3, batch_size=1, device="cpu", distributed="ddp")
     (tmp_path / "double.yaml").write_text(double.to_yaml())
-    torchrun = Path(sys.executable).parent / "torchrun"
-    command = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "moshi_ttt.cli", "train",
-               "--config", str(tmp_path / "double.yaml")]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    torchrun_train(tmp_path / "double.yaml")
     one, two = logged_losses(tmp_path / "single"), logged_losses(tmp_path / "double")
     assert one.keys() == two.keys() == {1, 2, 3}
     for step in one:

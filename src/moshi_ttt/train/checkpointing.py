@@ -62,24 +62,32 @@ def set_rng_state(state: dict[str, tp.Any]) -> None:
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     training_state: dict[str, tp.Any], config_yaml: str, keep_last: int,
                     dist: Distributed | None = None) -> Path:
-    """Write step `step`'s checkpoint (every process calls it) and keep the last `keep_last`."""
+    """Write step `step`'s checkpoint and keep the last `keep_last` (with `dist`: every process
+    calls it; an error on the main process is raised on all)."""
     target = checkpoint_dir(run_dir) / f"step_{step:06d}"
-    if is_sharded(model):
-        if dist is None:
-            raise ValueError("save_checkpoint: a sharded model is saved by every process: pass their Distributed")
-        _save_sharded_checkpoint(target, model, optimizer, training_state, config_yaml, dist)
-    elif dist is None or dist.is_main:
+
+    def prune() -> None:
+        others = [p for p in list_checkpoints(run_dir) if p != target]  # the one just written always stays
+        for old in others[:max(0, len(others) - (keep_last - 1))]:
+            shutil.rmtree(old)
+
+    def write() -> None:
         trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
         with atomic_dir(target) as tmp:
             save_file(trainable, str(tmp / "trainable.safetensors"))
             torch.save({**training_state, "optimizer": optimizer.state_dict()}, tmp / "training_state.pt")
             (tmp / "config.yaml").write_text(config_yaml)
-    if dist is None or dist.is_main:
-        others = [p for p in list_checkpoints(run_dir) if p != target]  # the one just written always stays
-        for old in others[:max(0, len(others) - (keep_last - 1))]:
-            shutil.rmtree(old)
-    if dist is not None:
-        dist.barrier()
+        prune()
+
+    if is_sharded(model):
+        if dist is None:
+            raise ValueError("save_checkpoint: a sharded model is saved by every process: pass their Distributed")
+        _save_sharded_checkpoint(target, model, optimizer, training_state, config_yaml, dist)
+        _on_main_for_all(dist, prune)
+    elif dist is None:
+        write()
+    else:
+        _on_main_for_all(dist, write)
     return target
 
 
@@ -89,16 +97,35 @@ def _save_sharded_checkpoint(target: Path, model: torch.nn.Module, optimizer: to
     the main process completes it and renames it into place (so the processes of every node
     need to see one run_dir: a shared filesystem)."""
     tmp = target.with_name(f".{target.name}.tmp")
-    if dist.is_main:
-        for stale in target.parent.glob(".step_*.tmp"):  # left by a run killed while saving
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
+    _on_main_for_all(dist, lambda: _start_sharded_checkpoint(tmp))
     save_sharded(tmp, model, optimizer)
-    if dist.is_main:
+
+    def complete() -> None:
         torch.save(training_state, tmp / "training_state.pt")
         (tmp / "config.yaml").write_text(config_yaml)
         replace_dir(tmp, target)
+    _on_main_for_all(dist, complete)
+
+
+def _start_sharded_checkpoint(tmp: Path) -> None:
+    for stale in tmp.parent.glob(".step_*"):  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+
+def _on_main_for_all(dist: Distributed, work: tp.Callable[[], None]) -> None:
+    """Run `work` on the main process; if it fails, every process raises (none waits for it)."""
+    error = None
+    if dist.is_main:
+        try:
+            work()
+        except Exception as caught:  # raised again below, and on every other process
+            error = caught
+    failed = dist.all_reduce_max(torch.tensor([float(error is not None)], device=dist.device))
+    if error is not None:
+        raise error
+    if failed.item():
+        raise RuntimeError("the main process failed to write the checkpoint (its error is in its log)")
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None

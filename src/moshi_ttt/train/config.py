@@ -128,7 +128,7 @@ class TrainConfig:
     device: str = "auto"
     # Under torchrun: fsdp shards parameters, gradients and optimizer states across the
     # processes (FSDP2, a unit per transformer layer); ddp keeps a whole copy in each; auto:
-    # fsdp, but a resumed run keeps DDP if its checkpoints were written by DDP.
+    # fsdp, but a resumed run keeps DDP if its checkpoints were written without FSDP.
     distributed: str = "auto"
     seed: int = 0
     run_dir: str = "runs/train"  # a new run needs it empty or absent (or overwrite_run_dir: true)

@@ -9,9 +9,10 @@ hook that fires before FSDP's own (it was registered first, at conversion).
 
 On a GPU with `bf16`, the gathered parameters are bfloat16 and gradients reduce in
 float32; what trains keeps float32 master shards (moshi-finetune's policy). So what
-trains computes in bf16, where DDP's autocast would keep float32 outside the matmuls:
-autocast's bf16 copies of float32 weights would be saved for the backward, whole, in
-every process. Gradients reduce after every micro-batch, so they stay sharded.
+trains enters every op in bf16 (autocast still runs its float32 ops in float32), where
+DDP's autocast casts only the matmuls' operands: autocast's bf16 copies of float32
+weights would be saved for the backward, whole, in every process. Gradients reduce
+after every micro-batch, so they stay sharded.
 """
 
 import abc
@@ -60,9 +61,10 @@ def _allow_class_swap(cls: type) -> None:
 
 
 class _ABCFSDPModule(abc.ABC, FSDPModule):
-    """FSDPModule with `abc.ABC` as its first base (see `_allow_class_swap`). Its methods
-    come before the module's own, as in torch's class, and `FSDPModule.__new__`'s
-    `cls.__mro__[2]` is still the module's class."""
+    """FSDPModule with `abc.ABC` as its first base (see `_allow_class_swap`). The module's
+    classes come before FSDPModule in the lookup, unlike in torch's class; moshi's define
+    none of its methods (tests/test_fsdp.py), and `FSDPModule.__new__`'s `cls.__mro__[2]`
+    is still the module's class."""
 
 
 def _no_deepcopy(*_: tp.Any) -> tp.NoReturn:

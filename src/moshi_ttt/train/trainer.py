@@ -10,8 +10,8 @@ FSDP2 (`fsdp.py`) or copied whole into each process with DDP (`distributed`).
 
 import contextlib
 import dataclasses
-import gc
 import functools
+import gc
 import json
 import math
 import shutil
@@ -377,7 +377,8 @@ def streams_at(config: TrainConfig, step: int) -> bool:
 
 def _train_step(config: TrainConfig, dist: Distributed, lm: LMModel, model: torch.nn.Module,
                 batcher: SequenceBatcher, optimizer: torch.optim.Optimizer, streams: bool) -> dict[str, float]:
-    """One optimizer step over `num_microbatches` micro-batches, gradients reduced after the last."""
+    """One optimizer step over `num_microbatches` micro-batches: DDP reduces the gradients after
+    the last, FSDP after each (so that they stay sharded)."""
     micro_rows = config.batch_size * dist.world_size
     batches = []
     for _ in range(config.num_microbatches):
@@ -390,7 +391,7 @@ def _train_step(config: TrainConfig, dist: Distributed, lm: LMModel, model: torc
                                                       config.text_padding_weight)))
     totals = dist.all_reduce_sum(sum(w.totals() for _, _, w in batches)).clamp(min=1e-6)
     sums = torch.zeros(2, device=dist.device)
-    sharded = is_sharded(lm)  # FSDP reduces every micro-batch's gradients: they stay sharded
+    sharded = is_sharded(lm)
     for i, (codes, segments, weights) in enumerate(batches):
         last = i == len(batches) - 1
         sync = contextlib.nullcontext() if (last or not dist.enabled or sharded) else model.no_sync()
@@ -402,7 +403,7 @@ def _train_step(config: TrainConfig, dist: Distributed, lm: LMModel, model: torc
     grad_norms = {f"grad_norm/{g}": math.sqrt(v) for g, v in zip(GROUPS, squares.tolist()) if v > 0}
     if config.max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_([p for p in lm.parameters() if p.requires_grad], config.max_norm,
-                                             squares.sum().sqrt().to(dist.device))
+                                             squares.sum().sqrt().float())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     text, audio = (dist.all_reduce_sum(sums) / totals).tolist()
@@ -449,7 +450,8 @@ def _grad_squares(lm: LMModel, shards: Distributed | None) -> torch.Tensor:
     squares = torch.zeros(len(GROUPS), dtype=torch.float64, device=device)
     for name, param in lm.named_parameters():
         if param.grad is not None:
-            squares[GROUPS.index(parameter_group(name))] += local(param.grad).detach().double().square().sum()
+            norm = torch.linalg.vector_norm(local(param.grad).detach(), dtype=torch.float32)
+            squares[GROUPS.index(parameter_group(name))] += norm.double().square()
     if shards is not None:
         shards.all_reduce_sum(squares)
     return squares
