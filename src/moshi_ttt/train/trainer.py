@@ -36,7 +36,7 @@ from .batches import DocumentSource, SequenceBatcher
 from .checkpointing import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .distributed import Distributed, setup
-from .fsdp import consolidated_state_dict, is_sharded, local, shard_model, whole
+from .fsdp import SHARDED_DIR, consolidated_state_dict, is_sharded, local, shard_model, whole
 from .interrupts import stop_on_signals
 from .loss import loss_weights, weighted_losses
 from .modes import GROUPS, apply_mode, parameter_group
@@ -363,11 +363,11 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
 
 
 def _strategy(config: TrainConfig, run_dir: Path, resume: bool) -> str:
-    """ddp or fsdp; `auto` is fsdp, but a resumed run keeps DDP if its checkpoint was written by one."""
+    """ddp or fsdp; `auto` is fsdp, but a resumed run keeps DDP if its checkpoint was written without FSDP."""
     if config.distributed != "auto":
         return config.distributed
     checkpoints = list_checkpoints(run_dir) if resume else []
-    return "ddp" if checkpoints and (checkpoints[-1] / "trainable.safetensors").is_file() else "fsdp"
+    return "ddp" if checkpoints and not (checkpoints[-1] / SHARDED_DIR).is_dir() else "fsdp"
 
 
 def streams_at(config: TrainConfig, step: int) -> bool:
