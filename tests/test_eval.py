@@ -65,29 +65,43 @@ def test_loss_curves_average_documents_by_position():
     assert set(summary["audio_loss_at"]) == {"10", "45"}
 
 
-def test_diagnostics_match_explicit_fast_weights():
-    lm = tiny(context=64)
+@pytest.mark.parametrize("ttt", [{}, {"clip_tau": None, "forget": 0.7},
+                                 {"clip_tau": None, "objective": "l2", "gate": "decay_write", "forget": 0.7}],
+                         ids=["clip", "forget", "l2-gate"])
+def test_diagnostics_match_explicit_fast_weights(ttt):
+    """Against the fast weights kept explicitly, chunk by chunk, with each chunk's recorded
+    decay and write strength (the clip's factor, the gate's, the delta rule's step bound)."""
+    lm = tiny(context=64, **ttt)
     codes = random_codes(lm, 2, 30)
     stats = ttt_diagnostics(lm, codes)
     name, layer = ttt_layers(lm)[0]
     layer.capture = []
     lm(codes)
-    z, v = layer.capture[0]
+    record = layer.capture[0]
     layer.capture = None
+    z, v = record.z.double(), record.v.double()
     w0 = layer.linear_out.weight.double()
+    l2 = layer.objective == "l2"
     expected = {k: [] for k in ("l0", "lprev", "lafter", "update_norm", "accumulated_norm")}
     for b in range(2):
         w = w0.clone()
         rows = {k: [] for k in expected}
-        for start in range(0, 30, C):
-            zi, vi = z[b, start:start + C].double(), v[b, start:start + C].double()
-            objective = lambda m: -((zi @ m.T) * vi).sum().item() / len(zi)  # noqa: E731
+        for i, start in enumerate(range(0, 30, C)):
+            zi, vi = z[b, start:start + C], v[b, start:start + C]
+            if l2:
+                objective = lambda m: ((zi @ (m - w0).T - vi) ** 2).sum().item() / 2 / len(zi)  # noqa: E731
+            else:
+                objective = lambda m: -((zi @ m.T) * vi).sum().item() / len(zi)  # noqa: E731
             rows["l0"].append(objective(w0))
             rows["lprev"].append(objective(w))
-            delta = layer.eta * vi.T @ zi
-            if delta.norm() > layer.clip_tau:
-                delta = delta * layer.clip_tau / delta.norm()
-            w = w + delta
+            a = 1.0 if record.decay is None else record.decay[b, i].item()
+            c = 1.0 if record.write is None else record.write[b, i].item()
+            kept = a * (w - w0)
+            target = vi - zi @ kept.T if l2 else vi
+            delta = layer.eta * c * target.T @ zi
+            if layer.clip_tau is not None:
+                assert delta.norm() <= layer.clip_tau * (1 + 1e-6)
+            w = w0 + kept + delta
             rows["lafter"].append(objective(w))
             rows["update_norm"].append(delta.norm().item())
             rows["accumulated_norm"].append((w - w0).norm().item())
@@ -96,6 +110,8 @@ def test_diagnostics_match_explicit_fast_weights():
     for k, per_sample in expected.items():
         np.testing.assert_allclose(stats[name][k], np.mean(per_sample, axis=0), rtol=1e-4, atol=1e-6)
     assert stats[name]["lafter"][0] < stats[name]["lprev"][0]  # the update lowers its own objective
+    if "forget" in ttt:
+        assert record.decay is not None and (record.decay < 1).all()
 
 
 def write_wav(path, seconds, seed):

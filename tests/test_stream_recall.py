@@ -81,10 +81,34 @@ def test_documents_carry_the_state_on(lm):
     assert np.abs(later - np.array([a.cross_entropy for a in alone[2]])).max() > 1e-3
 
 
-def test_streams_need_aligned_documents(lm):
+def test_streams_of_documents_of_any_length_score_as_each_stream_alone(lm):
+    """Streams whose documents differ in length (and in number of frames): read together, each
+    scores as it does alone, its documents' text loss and fast-weight norms included."""
+    source = synthetic_recall_set(lm, documents=6, frames=FRAMES, pairs=PAIRS, spacing=SPACING,
+                                  max_frames=2 * FRAMES)
+    streams = stream_documents(source, 3)
+    assert [d.shape[1] for d in streams[0].documents] != [d.shape[1] for d in streams[1].documents]
+    together = summarize_streams(score_streams(lm, streams, window=8), num_values=source.num_values, streams=2)
+    alone = [summarize_streams(score_streams(lm, [s], window=8), num_values=source.num_values, streams=1)
+             for s in streams]
+    for k in range(3):
+        got = together["per_document"][k]
+        assert got["questions"] == 2 * PAIRS
+        np.testing.assert_allclose(got["cross_entropy"], np.mean([a["per_document"][k]["cross_entropy"]
+                                                                  for a in alone]), rtol=1e-4)
+        np.testing.assert_allclose(got["text_loss"], np.mean([a["per_document"][k]["text_loss"] for a in alone]),
+                                   rtol=1e-4)
+    name = "transformer.layers.0.gating"
+    np.testing.assert_allclose(together["fast_weight_norms"][name],
+                               np.maximum(*[a["fast_weight_norms"][name] for a in alone]), rtol=1e-4)
+    assert together["frames"] == max(a["frames"] for a in alone)
+
+
+def test_streams_need_as_many_documents(lm):
     streams = streams_of(lm)
-    streams[1].documents[0] = streams[1].documents[0][:, :-1]
-    with pytest.raises(ValueError, match="differ in length"):
+    streams[1].documents.pop()
+    streams[1].facts.pop()
+    with pytest.raises(ValueError, match=r"the streams hold \[2, 3\] documents"):
         score_streams(lm, streams, window=4)
     with pytest.raises(ValueError, match="documents_per_stream=7: expected 1 .. 6"):
         stream_documents(synthetic_recall_set(lm, documents=6, frames=FRAMES, pairs=PAIRS, spacing=SPACING), 7)

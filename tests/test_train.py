@@ -229,7 +229,20 @@ def test_with_baseline_compares_both_runs(tmp_path, capsys):
     assert [e["step"] for e in logged if "recall/accuracy" in e] == [1, 2]
     out = capsys.readouterr().out
     assert "baseline trained without TTT" in out and "chance 1/56" in out
-    assert "recall over streams of 3 documents" in out and "worst mean over one document's span" in out
+    assert "recall over streams of 3 documents" in out and "worst mean over 64 frames" in out
+    # Documents 1x, 2x and 4x as long, by distance, and the text loss on their filler.
+    ttt = result["recall"]["TTT"]
+    assert [(k, v["frames"]) for k, v in ttt["by_length"].items()] == [("1x", 64), ("2x", 128), ("4x", 256)]
+    assert max(b["hi"] for b in ttt["by_distance_all_lengths"]) > 3 * 64
+    assert set(ttt["filler_excess"]) == {"1x", "2x", "4x"} and all(
+        e["span"] == 32 for e in ttt["filler_excess"].values())
+    assert "held-out recall by distance, documents of every length" in out
+    assert "text loss on filler against the baseline's, worst 32-frame window: 1x" in out
+    # Streams of documents of 64 to 256 frames, as many frames as the fixed ones (3 x 64).
+    varied = result["recall_stream_varied"]
+    assert set(varied) == set(result["recall"]) and varied["TTT"]["documents_per_stream"] == 1
+    assert (tmp_path / "run" / "recall" / "varied" / "recall_stream.png").is_file()
+    assert "baseline trained without TTT" in varied["TTT"]["text_loss_excess"]
 
 
 def test_eta_warms_up_then_stays(tmp_path):

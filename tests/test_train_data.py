@@ -160,6 +160,55 @@ def test_rows_pack_short_documents_and_split_long_ones():
     assert torch.equal(more, again)
 
 
+def test_whole_documents_are_never_split_across_rows():
+    """Short documents go whole into a row, the rest of a row is padding (no token, its own id);
+    only a document longer than a row is cut, and its last piece starts a row."""
+    batcher = SequenceBatcher(Documents([3, 4, 2, 13, 1]), frames=6, shuffle=False, whole_documents=True)
+    codes, ids = batcher.next_rows(5)
+    assert codes[:, 0].tolist() == [[0, 0, 0, -1, -1, -1], [1, 1, 1, 1, 2, 2], [3] * 6, [3] * 6,
+                                    [3, 4, 0, 0, 0, -1]]  # the next epoch begins
+    assert ids.tolist() == [[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1], [0] * 6, [0] * 6, [0, 1, 2, 2, 2, 3]]
+    assert (codes[:, 1] == codes[:, 0]).all()  # every stream padded alike
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_frame_of_every_document_is_trained_once_an_epoch(seed):
+    lengths = np.random.default_rng(seed).integers(1, 30, size=40).tolist()
+
+    class Numbered(Documents):
+        def __getitem__(self, i):  # document i, frame t: 1000 i + t
+            return (1000 * i + torch.arange(self.lengths[i]))[None].repeat(2, 1)
+
+    batcher = SequenceBatcher(Numbered(lengths), frames=24, seed=seed, whole_documents=True)
+    seen = []
+    while batcher.epoch == 0:
+        codes, ids = batcher.next_rows(1)
+        row, doc_ids = codes[0, 0], ids[0]
+        for piece in doc_ids.unique():
+            frames = row[doc_ids == piece]
+            if frames[0] < 0:
+                assert (frames == -1).all() and doc_ids[-1] == piece  # padding, at the row's end
+                continue
+            document = int(frames[0]) // 1000
+            assert (frames // 1000 == document).all() and (torch.diff(frames) == 1).all()
+            if lengths[document] <= 24:
+                assert len(frames) == lengths[document]  # whole
+            seen += frames.tolist()
+    expected = [1000 * i + t for i, n in enumerate(lengths) for t in range(n)]
+    assert sorted(seen) == expected
+
+
+def test_padding_has_no_loss():
+    from moshi_ttt.train.loss import loss_weights
+    from moshi_ttt import build_lm, tiny_lm_config
+    lm = build_lm(tiny_lm_config())
+    codes = torch.randint(0, 8, (1, lm.num_codebooks, 12))
+    codes[:, :, 8:] = -1
+    weights = loss_weights(lm, codes, 100.0, 0.5)
+    assert (weights.text[..., 8:] == 0).all() and (weights.audio[..., 8:] == 0).all()
+    assert (weights.text[..., :8] > 0).all()
+
+
 def test_rows_are_shuffled_per_epoch_and_shared_between_processes():
     docs = Documents([4] * 6)
     a = SequenceBatcher(docs, frames=4, seed=1)

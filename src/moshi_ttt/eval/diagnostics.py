@@ -1,14 +1,11 @@
 """TTT's own diagnostics: is each chunk's update learning what it is meant to?
 
-For every In-Place TTT layer and chunk i, the TTT objective l(W) = -<Z_i W^T, V_i>_F / n_i
-(per token) under three weights: W0 (l0), the fast weights before the chunk's
-update (lprev), and after it (lafter); plus the norm of the chunk's update and of
-the fast weights' accumulated change. All follow from inner products of Z and V,
-so no d x h matrix is formed:
-
-    lprev  = l0 - eta <Z_i S_i^T, V_i> / n_i            (S_i: the clipped updates before i)
-    lafter = lprev - eta c_i ||V_i^T Z_i||^2 / n_i
-    ||S_{i+1}||^2 = ||S_i||^2 + 2 c_i <Z_i S_i^T, V_i> + c_i^2 ||V_i^T Z_i||^2
+For every In-Place TTT layer and chunk i, the layer's TTT objective per token under three
+weights: W0 (l0), the fast weights the chunk reads, before its update (lprev), and those
+after it (lafter); plus the norm of the chunk's update and of the fast weights' change
+after it. The objective is the layer's own: -<Z_i W^T, V_i>_F / n_i for "dot", and
+||Z_i (W - W0)^T - V_i||^2 / (2 n_i) for the delta rule ("l2"). The chunks are replayed
+with their recorded decay and write strength (`ops.inplace.recurrence.recurrence_trace`).
 
 For every TTT-MLP block and mini-batch, the same three of its inner reconstruction loss
 (under the initial inner weights, before the mini-batch's update and after it) and the
@@ -25,7 +22,7 @@ import torch.nn.functional as F
 
 from ..models.convert import ttt_layers
 from ..ops.common import compute_dtype, pad_to_chunks
-from ..ops.inplace import chunk_delta_sq_norms, clip_scales, expand_chunk_values, scan_add_
+from ..ops.inplace.recurrence import recurrence_trace
 from ..utils.atomic import atomic_file
 
 
@@ -39,35 +36,30 @@ def ttt_diagnostics(lm, codes: torch.Tensor) -> dict[str, dict[str, list[float]]
         layer.capture = []
     try:
         lm(codes)
-        return {name: (_layer_diagnostics(layer, *layer.capture[0]) if layer.method == "inplace"
+        return {name: (_layer_diagnostics(layer, layer.capture[0]) if layer.method == "inplace"
                        else _block_diagnostics(layer.capture[0])) for name, layer in layers}
     finally:
         for _, layer in layers:
             layer.capture = None
 
 
-def _layer_diagnostics(layer, z: torch.Tensor, v: torch.Tensor) -> dict[str, list[float]]:
-    C, eta = layer.chunk_size, layer.eta
-    cd = compute_dtype(z.dtype)
-    zf, vf = z.to(cd), v.to(cd)
-    T = z.shape[1]
-    sq = chunk_delta_sq_norms(zf, vf, C)  # [B, n]
-    scales = clip_scales(sq, eta, layer.clip_tau)
-    slow = F.linear(z, _weight(layer.linear_out)).to(cd)
-    vc = vf * expand_chunk_values(scales, C, T)
-    fast = scan_add_(zf, vc, torch.zeros_like(vf), C, 1.0, block_size=-(-T // C) * C)  # Z_i S_i^T
-    sizes = pad_to_chunks(torch.ones_like(zf[..., :1]), C).sum(dim=(2, 3))  # tokens per chunk
-    l0 = -(pad_to_chunks(slow * vf, C)).sum(dim=(2, 3)) / sizes
-    before = (pad_to_chunks(fast * vf, C)).sum(dim=(2, 3))  # <Z_i S_i^T, V_i>
-    lprev = l0 - eta * before / sizes
-    lafter = lprev - eta * scales * sq / sizes
-    accumulated = torch.zeros_like(sq)
-    total = torch.zeros_like(sq[:, 0])
-    for i in range(sq.shape[1]):
-        total = total + 2 * scales[:, i] * before[:, i] + scales[:, i] ** 2 * sq[:, i]
-        accumulated[:, i] = eta * total.clamp(min=0).sqrt()
-    stats = {"l0": l0, "lprev": lprev, "lafter": lafter, "update_norm": eta * scales * sq.sqrt(),
-             "accumulated_norm": accumulated}
+def _layer_diagnostics(layer, record) -> dict[str, list[float]]:
+    """From an In-Place layer's ChunkRecord of one batch of documents."""
+    C = layer.chunk_size
+    trace = recurrence_trace(record.z, record.v, C, layer.eta, layer.objective, record.decay, record.write)
+    cd = compute_dtype(record.z.dtype)
+    v = record.v.to(cd)
+    sizes = pad_to_chunks(torch.ones_like(v[..., :1]), C).sum(dim=(2, 3))  # tokens per chunk
+
+    def per_token(x: torch.Tensor) -> torch.Tensor:
+        return pad_to_chunks(x, C).sum(dim=(2, 3)) / sizes
+    if layer.objective == "l2":
+        l0, lprev, lafter = (per_token((fast - v).square()) / 2 for fast in (0 * v, trace.before, trace.after))
+    else:
+        l0 = -per_token(F.linear(record.z, _weight(layer.linear_out)).to(cd) * v)
+        lprev, lafter = (l0 - per_token(fast * v) for fast in (trace.before, trace.after))
+    stats = {"l0": l0, "lprev": lprev, "lafter": lafter, "update_norm": trace.update_norms,
+             "accumulated_norm": trace.state_norms}
     return {key: value.mean(0).tolist() for key, value in stats.items()}
 
 

@@ -59,12 +59,16 @@ class Answer:
 
 
 def synthetic_recall_set(lm, *, documents: int, frames: int, pairs: int, spacing: int,
-                         speaker: str = "text", audio: str = "noise", seed: int = 0) -> RecallSet:
-    """Held-out synthetic documents (the "eval" split) in `lm`'s stream layout."""
+                         speaker: str = "text", audio: str = "noise", seed: int = 0,
+                         max_frames: int | None = None) -> RecallSet:
+    """Held-out synthetic documents (the "eval" split) in `lm`'s stream layout, each of
+    `frames` frames, or of frames .. max_frames."""
     source = SyntheticDocuments(documents, frames, pairs, num_codebooks=lm.num_codebooks, dep_q=lm.dep_q,
                                 card=lm.card, text_card=lm.text_card, text_padding_id=lm.text_padding_token_id,
-                                spacing=spacing, speaker=speaker, audio=audio, seed=seed, split="eval")
-    return RecallSet(f"{pairs} facts, {frames} frames", [source[i] for i in range(documents)],
+                                spacing=spacing, speaker=speaker, audio=audio, seed=seed, split="eval",
+                                max_frames=max_frames)
+    length = f"{frames}" if max_frames is None else f"{frames}-{max_frames}"
+    return RecallSet(f"{pairs} facts, {length} frames", [source[i] for i in range(documents)],
                      [source.facts(i) for i in range(documents)], len(source.value_ids))
 
 
@@ -126,12 +130,23 @@ def code_recall_set(directory: str | Path, num_codebooks: int) -> RecallSet:
 @torch.no_grad()
 def answer_questions(lm, recall_set: RecallSet, batch_size: int = 16) -> list[Answer]:
     """Every question of `recall_set` scored by `lm` (in eval mode, restored after)."""
+    return score_documents(lm, recall_set, batch_size)[0]
+
+
+@torch.no_grad()
+def score_documents(lm, recall_set: RecallSet, batch_size: int = 16, filler_id: int | None = None
+                    ) -> tuple[list[Answer], np.ndarray | None]:
+    """Every question of `recall_set` scored by `lm`, and with `filler_id` (the text token of
+    frames that say nothing: padding) the mean text cross-entropy at each frame over the
+    documents whose text there is that token, NaN where none is; None without."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected an integer >= 1")
     device = next(lm.parameters()).device
     was_training = lm.training
     lm.eval()
     answers = []
+    frames = max(d.shape[1] for d in recall_set.documents)
+    sums, counts = np.zeros(frames), np.zeros(frames)
     try:
         by_length: dict[int, list[int]] = {}
         for i, doc in enumerate(recall_set.documents):
@@ -143,9 +158,30 @@ def answer_questions(lm, recall_set: RecallSet, batch_size: int = 16) -> list[An
                 log_p = lm(codes).text_logits[:, 0].float().log_softmax(-1)  # [B, T, text_card]
                 for row, i in enumerate(batch):
                     answers += _score(log_p[row], recall_set.facts[i], recall_set.name)
+                if filler_id is not None:
+                    truth = codes[:, 0]
+                    ce = -log_p.gather(-1, truth.clamp(min=0)[..., None])[..., 0]
+                    filler = truth == filler_id
+                    T = truth.shape[1]
+                    sums[:T] += (ce * filler).sum(0).cpu().numpy()
+                    counts[:T] += filler.sum(0).cpu().numpy()
     finally:
         lm.train(was_training)
-    return answers
+    if filler_id is None:
+        return answers, None
+    return answers, np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def worst_excess(loss: tp.Sequence[float], baseline: tp.Sequence[float], span: int) -> dict[str, float]:
+    """How far `loss` rises above `baseline` (per frame, NaN where not measured), in means over
+    windows of `span` frames: the worst window's excess (nats; <= 0: nowhere above) and its start."""
+    a, b = np.asarray(loss, dtype=float), np.asarray(baseline, dtype=float)
+    n = min(len(a), len(b)) // span
+    diff = (a[:n * span] - b[:n * span]).reshape(n, span)
+    measured = ~np.isnan(diff)
+    means = np.where(measured.any(1), np.nansum(diff, 1) / np.maximum(measured.sum(1), 1), -np.inf)
+    worst = int(means.argmax())
+    return {"max_excess": float(means[worst]), "at_frame": worst * span, "span": span}
 
 
 def _score(log_p: torch.Tensor, facts: list[Fact], group: str) -> list[Answer]:
@@ -295,3 +331,23 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
+
+
+def distance_table(results: dict[str, dict[str, tp.Any]], title: str) -> str:
+    """Top-1 recall and the key-addressing ratio of each model by distance bin: the bins of
+    `by_distance_all_lengths` (documents of every length scored, merged)."""
+    first = next(s for s in results.values() if "by_distance_all_lengths" in s)
+    bins = [(b["lo"], b["hi"]) for b in first["by_distance_all_lengths"]]
+    cells = [f"{lo}-{hi}" for lo, hi in bins]
+    lines = [title, f"{'statement to answer (frames)':<44} " + " ".join(f"{c:>9}" for c in cells)]
+    for model, summary in results.items():
+        if "by_distance_all_lengths" not in summary:
+            continue
+        by_bin = {(b["lo"], b["hi"]): b for b in summary["by_distance_all_lengths"]}
+        lines.append(f"{model + ', top-1':<44} " + " ".join(
+            f"{100 * by_bin[b]['accuracy']:>8.1f}%" if b in by_bin else f"{'-':>9}" for b in bins))
+        lines.append(f"{model + ', ratio':<44} " + " ".join(
+            f"{by_bin[b]['key_addressing_ratio']:>9.3g}" if b in by_bin else f"{'-':>9}" for b in bins))
+    lines.append(f"chance {100 * first['chance']:.1f}%; documents of {', '.join(first['by_length'])} the "
+                 f"trained length ({', '.join(str(s['frames']) for s in first['by_length'].values())} frames)")
+    return "\n".join(lines)

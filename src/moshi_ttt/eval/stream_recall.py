@@ -3,7 +3,8 @@
 A stream concatenates N held-out documents; the model reads it through moshi's
 streaming state (KV cache and fast weights carried from one window to the next, as
 in a live conversation), and every document's questions are scored as in
-`eval.recall`, at their answer frames. Keys repeat across documents with new values,
+`eval.recall`, at their answer frames. A stream's documents may have any lengths (topics
+of a conversation have no fixed length). Keys repeat across documents with new values,
 as facts change in a conversation: a memory that keeps every old answer fails here
 where one document at a time succeeds. Reported per document index (how recall
 holds as the stream grows) and per frame (the text loss of the whole stream, to
@@ -18,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..models.convert import ttt_layers
 from ..utils.atomic import atomic_file
-from .recall import Answer, RecallSet, _score, _stats
+from .recall import Answer, RecallSet, _score, _stats, worst_excess
 from .teacher_forcing import delayed_inputs, widen_kv_caches
 
 
@@ -31,8 +33,10 @@ class StreamScores:
     """The answers of each document of the streams, and the text loss at every frame."""
     answers: list[list[Answer]]  # [document index] -> the answers of every stream's document there
     text_loss: np.ndarray        # [frames] mean over streams of the text cross-entropy at each frame
-    document_frames: list[int]   # frames of each document of a stream
+    document_starts: list[int]   # the mean over streams of the frame where each document starts
+    document_text_loss: list[float]  # mean over streams of each document's mean text cross-entropy
     fast_weight_norms: dict[str, list[float]]  # per TTT layer: the largest ||W - W0||_F after each document
+    frames: int                  # frames of the longest stream
 
 
 def stream_documents(recall_set: RecallSet, documents_per_stream: int) -> list[RecallSet]:
@@ -48,80 +52,93 @@ def stream_documents(recall_set: RecallSet, documents_per_stream: int) -> list[R
 
 @torch.no_grad()
 def score_streams(lm, streams: list[RecallSet], window: int) -> StreamScores:
-    """Every stream read at once (one batch row each), `window` frames at a time; every
-    document's questions scored when its last frame has been read.
+    """Every stream read at once (one batch row each, shorter ones padded at their end), at
+    most `window` frames at a time and cut at every document's end; every document's
+    questions scored when its last frame has been read.
 
-    The streams must have documents of the same lengths, in the same order.
+    The streams must have the same number of documents; their lengths may differ.
     """
     if window < 1:
         raise ValueError(f"window={window}: expected an integer >= 1")
-    lengths = [d.shape[1] for d in streams[0].documents]
-    for s in streams:
-        if [d.shape[1] for d in s.documents] != lengths:
-            raise ValueError("the streams' documents differ in length: one batch needs them aligned")
-    device = next(lm.parameters()).device
-    codes = torch.stack([torch.cat(s.documents, dim=1) for s in streams]).to(device)  # [S, K, T]
+    counts = {len(s.documents) for s in streams}
+    if len(counts) != 1:
+        raise ValueError(f"the streams hold {sorted(counts)} documents: every stream needs as many")
     if lm.delays[0] != 0:
         raise ValueError(f"the text stream has delay {lm.delays[0]}: stream recall expects Moshi's 0")
+    device = next(lm.parameters()).device
+    ends = [np.cumsum([d.shape[1] for d in s.documents]) for s in streams]  # [S, N]
+    total = int(max(e[-1] for e in ends))
+    codes = torch.stack([F.pad(torch.cat(s.documents, dim=1), (0, total - int(e[-1])), value=-1)
+                         for s, e in zip(streams, ends)]).to(device)  # [S, K, T]
     inputs, _ = delayed_inputs(lm, codes)
+    cuts = sorted({int(c) for e in ends for c in e} | set(range(window, total, window)) | {total})
+    answer_frames = [{int(e[k] - d.shape[1]) + f.answer_frame for k, d in enumerate(s.documents) for f in s.facts[k]}
+                     for s, e in zip(streams, ends)]
+    rows: list[dict[int, torch.Tensor]] = [{} for _ in streams]  # stream -> {frame: log-probs there}
+    text_loss = np.full((len(streams), total), np.nan)
+    layers = ttt_layers(lm)
+    norms: dict[str, list[list[float]]] = {name: [[] for _ in streams] for name, _ in layers}
+    answers: list[list[Answer]] = [[] for _ in range(len(streams[0].documents))]
     was_training = lm.training
     lm.eval()
-    answers: list[list[Answer]] = []
-    text_loss = np.zeros(codes.shape[-1])
-    layers = ttt_layers(lm)
-    norms: dict[str, list[float]] = {name: [] for name, _ in layers}
     try:
         with lm.streaming(len(streams)):
             if window > 1:
                 widen_kv_caches(lm, window)
             start = 0
-            progress = tqdm(total=len(lengths), desc="recall over a stream", unit="document")
-            for k, length in enumerate(lengths):
-                pieces = []
-                for w in range(start, start + length, window):
-                    _, logits = lm.forward_text(inputs[:, :, w:min(w + window, start + length)])
-                    pieces.append(logits[:, 0].float().log_softmax(-1))
-                log_p = torch.cat(pieces, dim=1)  # [S, length, text_card]
-                truth = codes[:, 0, start:start + length]
+            for end in tqdm(cuts, desc="recall over a stream", unit="window"):
+                _, logits = lm.forward_text(inputs[:, :, start:end])
+                log_p = logits[:, 0].float().log_softmax(-1)  # [S, end - start, text_card]
+                truth = codes[:, 0, start:end]
                 ce = -log_p.gather(-1, truth.clamp(min=0)[..., None])[..., 0]
-                text_loss[start:start + length] = ce.mean(0).cpu().numpy()
-                answers.append([a for s, stream in enumerate(streams)
-                                for a in _score(log_p[s], stream.facts[k], stream.name)])
-                for name, layer in layers:
-                    if layer.ttt_active:
-                        norms[name].append(float(layer.fast_weight_change_norms().max()))
-                start += length
-                progress.update()
-            progress.close()
+                text_loss[:, start:end] = torch.where(truth >= 0, ce, torch.nan).cpu().numpy()
+                for s, stream in enumerate(streams):
+                    for t in range(start, end):
+                        if t in answer_frames[s]:
+                            rows[s][t] = log_p[s, t - start]
+                    finished = np.flatnonzero(ends[s] == end)
+                    for k in finished:
+                        offset = int(ends[s][k]) - stream.documents[k].shape[1]
+                        local = {t - offset: row for t, row in rows[s].items() if t >= offset}
+                        answers[k] += _score(local, stream.facts[k], stream.name)
+                        rows[s] = {}
+                        for name, layer in layers:
+                            if layer.ttt_active:
+                                norms[name][s].append(float(layer.fast_weight_change_norms()[s]))
+                start = end
     finally:
         lm.train(was_training)
-    return StreamScores(answers, text_loss, lengths, {k: v for k, v in norms.items() if v})
+    starts = [[int(e[k]) - d.shape[1] for k, d in enumerate(s.documents)] for s, e in zip(streams, ends)]
+    document_loss = [float(np.mean([np.nanmean(text_loss[s, starts[s][k]:int(ends[s][k])]) for s in range(len(streams))]))
+                     for k in range(len(answers))]
+    return StreamScores(answers, np.nanmean(text_loss, axis=0), [int(np.mean(c)) for c in zip(*starts)],
+                        document_loss, {name: [max(v) for v in zip(*per_stream)]
+                                        for name, per_stream in norms.items() if per_stream[0]}, total)
 
 
 def stream_recall(lm, streams: list[RecallSet], window: int) -> dict[str, tp.Any]:
     """`score_streams` summarized: what the eval command, the trainer and the benchmark report."""
-    return summarize_streams(score_streams(lm, streams, window), num_values=streams[0].num_values,
-                             streams=len(streams))
+    return dict(summarize_streams(score_streams(lm, streams, window), num_values=streams[0].num_values,
+                                  streams=len(streams)), documents=streams[0].name)
 
 
 def summarize_streams(scores: StreamScores, *, num_values: int, streams: int) -> dict[str, tp.Any]:
     """Recall per document index, the text loss per document, and the headline: recall of
     the last document, of the last quarter, and the first document's (a fresh memory)."""
-    starts = np.cumsum([0] + scores.document_frames[:-1])
-    per_document = [dict(index=k, start_frame=int(start), **_stats(a),
-                         text_loss=float(scores.text_loss[start:start + n].mean()))
-                    for k, (a, start, n) in enumerate(zip(scores.answers, starts, scores.document_frames))]
+    per_document = [dict(index=k, start_frame=start, **_stats(a), text_loss=loss)
+                    for k, (a, start, loss) in enumerate(zip(scores.answers, scores.document_starts,
+                                                             scores.document_text_loss))]
     last_quarter = [a for doc in scores.answers[-max(1, len(scores.answers) // 4):] for a in doc]
     return {
         "streams": streams,
         "documents_per_stream": len(scores.answers),
-        "frames": int(sum(scores.document_frames)),
+        "frames": scores.frames,
         "chance": 1 / num_values,
         "first_document": _stats(scores.answers[0]),
         "last_document": _stats(scores.answers[-1]),
         "last_quarter": _stats(last_quarter),
         "all": _stats([a for doc in scores.answers for a in doc]),
-        "text_loss_mean": float(scores.text_loss.mean()),
+        "text_loss_mean": float(np.nanmean(scores.text_loss)),
         "fast_weight_norms": scores.fast_weight_norms,
         "fast_weight_norm_max": {k: max(v) for k, v in scores.fast_weight_norms.items()},
         "per_document": per_document,
@@ -133,11 +150,7 @@ def text_loss_excess(results: dict[str, dict[str, tp.Any]], model: str, baseline
                      span: int) -> dict[str, float]:
     """How far `model`'s text loss rises above `baseline`'s, in means over spans of `span` frames:
     the worst span's excess (nats; <= 0: nowhere above) and where it starts."""
-    a, b = (np.asarray(results[m]["text_loss"]) for m in (model, baseline))
-    n = len(a) // span
-    diff = (a[:n * span] - b[:n * span]).reshape(n, span).mean(1)
-    worst = int(diff.argmax())
-    return {"max_excess": float(diff[worst]), "at_frame": worst * span, "span": span}
+    return worst_excess(results[model]["text_loss"], results[baseline]["text_loss"], span)
 
 
 def write_stream_recall(results: dict[str, dict[str, tp.Any]], out: Path) -> list[Path]:
@@ -189,7 +202,8 @@ def plot_stream_recall(results: dict[str, dict[str, tp.Any]], path: Path) -> Non
 def stream_verdict(results: dict[str, dict[str, tp.Any]]) -> str:
     """A short table: recall of the first, the last and the last quarter's documents, and the text loss."""
     first = next(iter(results.values()))
-    lines = [f"recall over streams of {first['documents_per_stream']} documents ({first['frames']} frames, "
+    kind = f" of {first['documents']}" if "documents" in first else ""
+    lines = [f"recall over streams of {first['documents_per_stream']} documents{kind} ({first['frames']} frames, "
              f"{first['streams']} streams, no reset):",
              f"{'model':<44} {'first doc':>9} {'last doc':>9} {'last 1/4':>9} {'text CE':>8}"]
     for model, s in results.items():

@@ -20,7 +20,7 @@ METHODS: tuple[str, ...] = tp.get_args(Method)
 # The fields only one method reads; the other method's must keep their defaults.
 METHOD_FIELDS = {
     "inplace": ("chunk_size", "eta", "kernel_size", "kernel_past", "init", "init_std", "clip_tau", "forget",
-                "x0_source", "algorithm", "scan_block"),
+                "objective", "gate", "x0_source", "algorithm", "scan_block"),
     "ttt_mlp": ("mini_batch", "base_lr", "heads", "conv_kernel", "gate_init", "scan_group"),
 }
 
@@ -44,7 +44,13 @@ class TTTConfig:
         init, init_std: target generator init ("warm", "next_token", "normal", "official").
         clip_tau: Frobenius-norm clip of each chunk's update, None for no clip.
         forget: the forgetting factor lambda in (0, 1]: each chunk the fast weights'
-            change decays toward W0 by lambda; 1 keeps every update (docs/recall.md).
+            change decays toward W0 by lambda; 1 keeps every update (docs/recall.md). With a
+            gate, the decay the gate starts from.
+        objective: the fast weights' update, "dot" (the paper's: V^T Z is added) or "l2" (the
+            delta rule: the targets' error under the fast weights, so a key written again
+            replaces its value).
+        gate: "none", "decay" (each chunk's decay from a sigmoid of its mean input, starting
+            at `forget` < 1) or "decay_write" (also the chunk's write strength).
         x0_source: the embeddings X0 the targets are made from: "input" (the sum of
             every stream's embedding, the transformer's input), "text" (the text
             stream's embedding only), "user" (the user's audio codebooks'),
@@ -74,6 +80,8 @@ class TTTConfig:
     init_std: float = 0.02
     clip_tau: float | None = None
     forget: float = 1.0
+    objective: str = "dot"
+    gate: str = "none"
     x0_source: str = "text_user"  # what is said, by either side; not Moshi's own audio (docs/recall.md)
     algorithm: str = "auto"
     scan_block: int | None = None
@@ -117,6 +125,17 @@ class TTTConfig:
         if self.clip_tau is not None:
             _check_number("clip_tau", self.clip_tau, minimum=0.0, strict=True)
         check_forget(self.forget, "ttt.forget")
+        from ..modules.inplace.gate import GATES
+        from ..ops.inplace.recurrence import check_objective
+        check_objective(self.objective, "ttt.objective")
+        if self.gate not in GATES:
+            raise ValueError(f"ttt.gate={self.gate!r}: expected one of {GATES}")
+        if self.gate != "none" and self.forget == 1:
+            raise ValueError(f"ttt.gate={self.gate!r} starts every chunk's decay at ttt.forget, which must then "
+                             "be below 1 (e.g. 0.95)")
+        if self.clip_tau is not None and (self.objective != "dot" or self.gate != "none"):
+            raise ValueError(f"ttt.clip_tau={self.clip_tau} with ttt.objective={self.objective!r}, "
+                             f"ttt.gate={self.gate!r}: the clip is for the additive update without a gate")
         if self.init not in TARGET_INITS:
             raise ValueError(f"ttt.init={self.init!r}: expected one of {TARGET_INITS}")
         _check_int("kernel_past", self.kernel_past, minimum=0)
@@ -167,8 +186,8 @@ class TTTConfig:
                         gate_init=self.gate_init, scan_group=self.scan_group)
         return dict(chunk_size=self.chunk_size, eta=self.eta, kernel_size=self.kernel_size,
                     kernel_past=self.kernel_past,
-                    clip_tau=self.clip_tau, forget=self.forget, init=self.init, init_std=self.init_std,
-                    algorithm=self.algorithm, scan_block=self.scan_block)
+                    clip_tau=self.clip_tau, forget=self.forget, objective=self.objective, gate=self.gate,
+                    init=self.init, init_std=self.init_std, algorithm=self.algorithm, scan_block=self.scan_block)
 
     def to_dict(self) -> dict[str, tp.Any]:
         return dataclasses.asdict(self)

@@ -146,7 +146,7 @@ def ttt_layers(model: nn.Module) -> list[tuple[str, FastWeightLayer]]:
 
 
 RETUNABLE = {  # per method, the settings no parameter depends on
-    "inplace": ("chunk_size", "eta", "forget", "clip_tau", "algorithm", "scan_block"),
+    "inplace": ("chunk_size", "eta", "forget", "clip_tau", "objective", "algorithm", "scan_block"),
     "ttt_mlp": ("base_lr", "scan_group"),
 }
 CONVERSION_ONLY = ("gate_init",)  # read once, when a block is made: a converted model ignores them
@@ -168,6 +168,8 @@ def retune_ttt(lm_model: LMModel, config: TTTConfig) -> None:
              and getattr(config, f.name) != getattr(current, f.name)]
     if config.layer_indices(num_layers) != current.layer_indices(num_layers):
         fixed.insert(0, "layers")
+    if current.method == "inplace" and current.gate != "none" and config.forget != current.forget:
+        fixed.append("forget")  # a gate's starting decay, learned since: retuning it would change nothing
     if fixed:
         listed = ", ".join(f"ttt.{name}: {getattr(current, name)!r} -> {getattr(config, name)!r}" for name in fixed)
         places = ", ".join(f"{c.method} on layers {c.layer_indices(num_layers)}" for c in configs)

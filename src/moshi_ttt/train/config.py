@@ -23,6 +23,7 @@ from .finetune_yaml import from_finetune_vocabulary, uses_finetune_vocabulary
 MODES = ("ttt", "ttt_layers", "lora", "full")
 TINY_DEFAULTS = {"context": 16}
 SOURCES = ("synthetic", "codes", "finetune")
+PACKINGS = ("whole", "cut")
 RESETS = ("document", "row")
 STRATEGIES = ("auto", "ddp", "fsdp")
 
@@ -81,6 +82,9 @@ class DataConfig:
     train_data: str | None = None  # codes: a directory of .npy files; finetune: the .jsonl file
     eval_data: str | None = None  # held-out data of the same kind: the validation loss every eval_freq steps
     shuffle: bool = True
+    # whole: a document that fits in a row is never cut across two (the rest of a row is
+    # padding without loss); cut: rows are filled to the last frame, documents cut anywhere.
+    pack: str = "whole"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     mimi_weights: str | None = None  # finetune: Mimi, if not the model checkpoint's
     tokenizer: str | None = None  # finetune: text tokenizer, if not the model checkpoint's
@@ -145,6 +149,10 @@ class TrainConfig:
     # At the end, also recall over 4 streams of this many held-out documents without a reset
     # (125 of 160 frames: 20,000 frames, 27 minutes of conversation); 0: off.
     eval_stream_documents: int = 125
+    # At the end, per-document recall also on held-out documents this many times as long (more
+    # filler between statements and questions), by distance; and streams of documents of 1x up
+    # to the largest of these lengths, as many frames as the fixed-length streams.
+    eval_lengths: list = field(default_factory=lambda: [1, 2, 4])
 
     def __post_init__(self) -> None:
         if self.model != "tiny" and self.tiny == TINY_DEFAULTS:
@@ -179,6 +187,8 @@ class TrainConfig:
             raise ValueError(f"unknown tiny model key(s) {unknown}: expected some of {sorted(known)}")
         if self.data.source not in SOURCES:
             raise ValueError(f"data.source={self.data.source!r}: expected one of {SOURCES}")
+        if self.data.pack not in PACKINGS:
+            raise ValueError(f"data.pack={self.data.pack!r}: expected one of {PACKINGS}")
         if self.data.source != "synthetic" and not self.data.train_data:
             raise ValueError(f"data.train_data is required for data.source={self.data.source!r}")
         if self.wandb.project is not None and (not isinstance(self.wandb.project, str) or not self.wandb.project):
@@ -195,6 +205,10 @@ class TrainConfig:
             raise ValueError(f"reset_fast_weights={self.reset_fast_weights!r}: expected one of {RESETS}")
         _check("stream_from_step", self.stream_from_step, int, minimum=0)
         _check("eval_stream_documents", self.eval_stream_documents, int, minimum=0)
+        if (not isinstance(self.eval_lengths, list) or not self.eval_lengths or 1 not in self.eval_lengths
+                or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.eval_lengths)):
+            raise ValueError(f"eval_lengths={self.eval_lengths!r}: expected a list of integers >= 1 that holds 1 "
+                             "(multiples of the documents' length)")
         if self.data.synthetic.max_frames is not None:
             _check("data.synthetic.max_frames", self.data.synthetic.max_frames, int,
                    minimum=self.data.synthetic.frames)

@@ -202,24 +202,35 @@ def train_with_baseline(config: TrainConfig, resume: bool = False) -> dict[str, 
         baseline = dataclasses.replace(baseline, overwrite_run_dir=True)
     result["baseline"] = train(baseline, resume=resume_baseline)
     if "recall" in result and "recall" in result["baseline"]:
-        from ..eval.recall import verdict, write_recall
+        from ..eval.recall import distance_table, verdict, worst_excess, write_recall
         compared = {**result["recall"], **result["baseline"]["recall"]}
         out = Path(config.run_dir) / "recall"
+        ttt, plain = compared["TTT"], compared["baseline trained without TTT"]
+        span = config.ttt.update_frames
+        ttt["filler_excess"] = {length: worst_excess(s["filler_text_loss"], plain["by_length"][length]["filler_text_loss"],
+                                                     span) for length, s in ttt["by_length"].items()}
         write_recall(compared, out)
         first = next(iter(compared.values()))
         print(verdict(compared, f"held-out recall, TTT against its baseline ({first['questions']} questions):"))
+        print(distance_table(compared, "held-out recall by distance, documents of every length:"))
+        print(f"TTT's text loss on filler against the baseline's, worst {span}-frame window: " + ", ".join(
+            f"{length} {e['max_excess']:+.3f} nats" for length, e in ttt["filler_excess"].items()))
         print(f"comparison written to {out}")
         result["recall"] = compared
-    if "recall_stream" in result and "recall_stream" in result["baseline"]:
+    for key, directory in (("recall_stream", ""), ("recall_stream_varied", "varied")):
+        if key not in result or key not in result["baseline"]:
+            continue
         from ..eval.stream_recall import stream_verdict, text_loss_excess, write_stream_recall
-        compared = {**result["recall_stream"], **result["baseline"]["recall_stream"]}
-        out = Path(config.run_dir) / "recall"
-        write_stream_recall(compared, out)
+        compared = {**result[key], **result["baseline"][key]}
+        span = config.data.synthetic.frames if key == "recall_stream" else config.ttt.update_frames
+        baseline_name = "baseline trained without TTT"
+        excess = text_loss_excess(compared, "TTT", baseline_name, span)
+        compared["TTT"]["text_loss_excess"] = {baseline_name: excess}
+        write_stream_recall(compared, Path(config.run_dir) / "recall" / directory)
         print(stream_verdict(compared))
-        excess = text_loss_excess(compared, "TTT", "baseline trained without TTT", config.data.synthetic.frames)
-        print(f"TTT's text loss against the baseline's, worst mean over one document's span: "
+        print(f"TTT's text loss against the baseline's, worst mean over {span} frames: "
               f"{excess['max_excess']:+.3f} nats (frame {excess['at_frame']}; <= 0: nowhere above)")
-        result["recall_stream"] = compared
+        result[key] = compared
     return result
 
 
@@ -242,7 +253,7 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
         shard_model(lm, dist.world_size, dist.device, config.bf16)
     params = [p for p in lm.parameters() if p.requires_grad]
     batcher = SequenceBatcher(build_source(config, lm), config.frames, seed=config.seed,
-                              shuffle=config.data.shuffle)
+                              shuffle=config.data.shuffle, whole_documents=config.data.pack == "whole")
     validation = _validation_set(config, lm) if config.do_eval and config.data.eval_data else None
     optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
                                   weight_decay=config.optim.weight_decay)
@@ -354,11 +365,14 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
             lm = prepare_model(config, dist.device)[0]
             lm.load_state_dict(whole_state)
     if last_step == config.max_steps and dist.is_main:
+        _export(lm, config, run_dir / "final")  # before the evaluation, which takes minutes
         if probe is not None:
             result["recall"] = probe.final(lm, run_dir / "recall")
             if config.eval_stream_documents:
                 result["recall_stream"] = probe.final_stream(lm, run_dir / "recall")
-        _export(lm, config, run_dir / "final")
+                if max(config.eval_lengths) > 1:
+                    result["recall_stream_varied"] = probe.final_stream(lm, run_dir / "recall" / "varied",
+                                                                        varied=True)
     return result
 
 
@@ -459,11 +473,11 @@ def _grad_squares(lm: LMModel, shards: Distributed | None) -> torch.Tensor:
 
 
 def _update_norms(fast_layers: list) -> dict[str, float]:
-    """Mean Frobenius norm of each TTT layer's per-chunk fast-weight update, eta * ||V^T Z||."""
+    """Mean Frobenius norm of each TTT layer's per-chunk fast-weight update, eta * ||c E^T Z||."""
     out = {}
     with torch.no_grad():
         for name, layer in fast_layers:
-            norms = [layer.chunk_update_norms(z, v).flatten() for z, v in layer.capture or []]
+            norms = [layer.chunk_update_norms(record).flatten() for record in layer.capture or []]
             if norms:
                 out[f"fast_weight_update/{name}"] = torch.cat(norms).mean().item()
             layer.capture = None
@@ -481,7 +495,7 @@ def _gates(fast_layers: list) -> dict[str, float]:
 # Settings a resumed run may change: they do not change what it computes (but for
 # `distributed` on a GPU: FSDP computes what trains in bf16, see fsdp.py).
 RESUMABLE_CHANGES = ("run_dir", "device", "distributed", "log_freq", "ckpt_freq", "keep_last", "overwrite_run_dir",
-                     "do_ckpt", "save_adapters", "do_eval", "eval_freq", "data.eval_data", "wandb.project",
+                     "do_ckpt", "save_adapters", "do_eval", "eval_freq", "eval_lengths", "data.eval_data", "wandb.project",
                      "wandb.run_name", "wandb.key", "wandb.offline")
 
 
@@ -596,16 +610,41 @@ class RecallProbe:
 
     def final(self, lm: LMModel, out: Path) -> dict[str, dict[str, tp.Any]]:
         """Recall of the trained model (and, for TTT, of the same weights with TTT off), written
-        to `out` with a plot; the verdict is printed."""
-        from ..eval.recall import synthetic_recall_set, verdict, write_recall
+        to `out` with a plot; and of the trained model on documents of every `eval_lengths`
+        multiple of the length, by distance, with the text loss on their filler. The verdict and
+        the distance table are printed."""
+        from ..eval.recall import distance_table, synthetic_recall_set, verdict, write_recall
         recall_set = synthetic_recall_set(lm, documents=self.FINAL_SCALE * self.config.eval_documents,
                                           **self.settings)
         results = self._with_ttt_off(lm, lambda: self._summary(lm, recall_set))
+        trained = next(iter(results))
+        results[trained].update(self._by_length(lm))
         write_recall(results, out)
         print(verdict(results, f"held-out recall, {recall_set.num_questions} questions "
                                f"({recall_set.name}, spacing {self.settings['spacing']}):"))
+        print(distance_table(results, "held-out recall by distance, documents of every length:"))
         print(f"recall written to {out}")
         return results
+
+    def _by_length(self, lm: LMModel) -> dict[str, tp.Any]:
+        """`by_length` (a summary per multiple of the document length, with the mean text loss at
+        each filler frame) and `by_distance_all_lengths` (every length's answers, by distance)."""
+        from ..eval.recall import _distance_bins, _stats, score_documents, summarize, synthetic_recall_set
+        device = next(lm.parameters()).device
+        by_length, everything = {}, []
+        for factor in sorted(self.config.eval_lengths):
+            settings = dict(self.settings, frames=factor * self.settings["frames"])
+            recall_set = synthetic_recall_set(lm, documents=self.FINAL_SCALE * self.config.eval_documents, **settings)
+            with _autocast(self.config, device):
+                answers, filler = score_documents(lm, recall_set, self.config.batch_size,
+                                                  filler_id=lm.text_padding_token_id)
+            summary = summarize(answers, num_values=recall_set.num_values, **self.reach)
+            by_length[f"{factor}x"] = dict(summary, frames=settings["frames"],
+                                           filler_text_loss=[round(float(v), 5) for v in filler])
+            everything += answers
+        bins = [dict(lo=lo, hi=hi, lo_contexts=lo_c, hi_contexts=hi_c, **_stats(group))
+                for (lo, hi, lo_c, hi_c), group in _distance_bins(everything, self.reach["context"])]
+        return {"by_length": by_length, "by_distance_all_lengths": bins}
 
     def _with_ttt_off(self, lm: LMModel, score: tp.Callable[[], dict[str, tp.Any]]) -> dict[str, dict[str, tp.Any]]:
         """{model: score()} for the trained model and, for TTT, the same weights with TTT off."""
@@ -618,13 +657,18 @@ class RecallProbe:
 
     STREAMS = 4
 
-    def final_stream(self, lm: LMModel, out: Path) -> dict[str, dict[str, tp.Any]]:
+    def final_stream(self, lm: LMModel, out: Path, varied: bool = False) -> dict[str, dict[str, tp.Any]]:
         """Recall over STREAMS streams of `eval_stream_documents` held-out documents without a reset
-        (and, for TTT, with TTT off), written to `out`; the verdict is printed."""
+        (and, for TTT, with TTT off), written to `out`; the verdict is printed. `varied`: streams
+        of documents of 1x to max(eval_lengths)x the length instead, as many frames in all."""
         from ..eval.recall import synthetic_recall_set
         from ..eval.stream_recall import stream_documents, stream_recall, stream_verdict, write_stream_recall
-        n = self.config.eval_stream_documents
-        streams = stream_documents(synthetic_recall_set(lm, documents=self.STREAMS * n, **self.settings), n)
+        n, settings = self.config.eval_stream_documents, self.settings
+        if varied:
+            longest = max(self.config.eval_lengths)
+            settings = dict(settings, max_frames=longest * settings["frames"])
+            n = max(1, round(2 * n / (1 + longest)))
+        streams = stream_documents(synthetic_recall_set(lm, documents=self.STREAMS * n, **settings), n)
         window = self.reach["context"] or self.config.ttt.update_frames
         results = self._with_ttt_off(lm, lambda: stream_recall(lm, streams, window))
         write_stream_recall(results, out)

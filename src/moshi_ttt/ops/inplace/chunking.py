@@ -1,4 +1,4 @@
-"""Chunk-local pieces of In-Place TTT: the delta clip and the forgetting factor's powers.
+"""Chunk-local pieces of In-Place TTT: the delta clip, the forgetting factor's powers, chunk means.
 
 They act on whole chunks of `chunk_size` positions; a chunk never reads another
 chunk, which is what keeps the update of chunk i free of tokens after it.
@@ -6,7 +6,7 @@ chunk, which is what keeps the update of chunk i free of tokens after it.
 
 import torch
 
-from ..common import bmm_acc, operand_dtype
+from ..common import bmm_acc, compute_dtype, operand_dtype, pad_to_chunks
 
 
 def chunk_grams(z: torch.Tensor, v: torch.Tensor, start: int, end: int,
@@ -49,3 +49,12 @@ def chunk_decay(forget: float, chunk_size: int, length: int) -> torch.Tensor:
     forgetting factor after i chunks."""
     chunks = torch.arange(length, dtype=torch.float64) // chunk_size
     return torch.tensor(forget, dtype=torch.float64) ** chunks
+
+
+def chunk_means(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """[B, T, D] -> [B, n_chunks, D] in the compute dtype: the mean over each chunk's positions
+    (a last partial chunk over its own)."""
+    x = x.to(compute_dtype(x.dtype))
+    sums = pad_to_chunks(x, chunk_size).sum(2)
+    counts = pad_to_chunks(torch.ones_like(x[..., :1]), chunk_size).sum(2)
+    return sums / counts
