@@ -16,8 +16,8 @@ same way without TTT. Sections (all by default):
     speaker    facts the user says (their audio stream), with targets that can and cannot hear them
     ablations  one change at a time from the default: layers, eta, lr, x0 source, init, chunk, conv
     stream     recall over streams of 125 and 625 documents (20,000 and 100,000 frames) without a
-               reset: the main job (trained on streams, forgetting factor 0.8), its baseline, and
-               what each of its ingredients does on its own
+               reset: the main job (streams, a gate, documents of varied length), its baseline,
+               and the recipes it grew from (a fixed forgetting factor or none, one length)
     lmgen      the main job's model generating with moshi's LMGen for 100,000 frames (one
                conversation, random user audio): every output finite, the fast-weight norms bounded
     methods    In-Place TTT (the main job) against TTT-MLP blocks (Sun et al. 2024) trained with the
@@ -38,6 +38,7 @@ interrupted benchmark continues where it stopped (--fresh trains everything agai
 
 import argparse
 import copy
+import functools
 import json
 import math
 import shutil
@@ -58,9 +59,11 @@ from moshi_ttt.train import TrainConfig, train  # noqa: E402
 
 SECTIONS = ("main", "seeds", "distance", "capacity", "position", "retrofit", "speaker", "ablations", "stream",
             "lmgen", "methods")
-# The per-document recipe, from the main job's defaults: one document a row, never forgetting.
+# The per-document recipe, from the main job's defaults: one document a row of one length,
+# never forgetting, no gate.
 ONE_DOCUMENT = {"reset_fast_weights": "document", "stream_from_step": 0, "batch_size": 8, "max_steps": 1200,
-                "ttt": {"forget": 1.0}, "data": {"synthetic": {"documents_per_row": 1}}}
+                "ttt": {"forget": 1.0, "gate": "none"},
+                "data": {"synthetic": {"documents_per_row": 1, "max_frames": None}}}
 # The stream section scores every model itself; the runs skip the trainer's own stream recall.
 NO_STREAM_EVAL = {"eval_stream_documents": 0}
 ABLATIONS: list[tuple[str, dict[str, tp.Any] | tp.Callable[[int], dict[str, tp.Any]]]] = [
@@ -103,7 +106,10 @@ class Bench:
         self.base = merge(merge(TrainConfig().to_dict(), ONE_DOCUMENT), NO_STREAM_EVAL)
         self.streams = merge(TrainConfig().to_dict(), NO_STREAM_EVAL)  # the main job
         if steps is not None:
-            self.streams["stream_from_step"] = self.streams["stream_from_step"] * steps // self.streams["max_steps"]
+            for key in ("stream_from_step", "data.synthetic.varied_from_step"):
+                *parents, leaf = key.split(".")
+                owner = functools.reduce(dict.__getitem__, parents, self.streams)
+                owner[leaf] = owner[leaf] * steps // self.streams["max_steps"]
             self.base["max_steps"] = self.streams["max_steps"] = steps
         self.base.update(ckpt_freq=10 ** 9, eval_freq=max(1, self.base["max_steps"] // 10))
 
@@ -234,32 +240,35 @@ def stream_change(bench: Bench, **change) -> dict[str, tp.Any]:
     """The main job's settings (training on streams) as a change to the per-document base."""
     keys = ("reset_fast_weights", "stream_from_step", "batch_size", "max_steps")
     out = {k: bench.streams[k] for k in keys}
-    out["ttt"] = {"forget": bench.streams["ttt"]["forget"]}
-    out["data"] = {"synthetic": {"documents_per_row": bench.streams["data"]["synthetic"]["documents_per_row"]}}
+    out["ttt"] = {k: bench.streams["ttt"][k] for k in ("forget", "gate")}
+    out["data"] = {"synthetic": {k: bench.streams["data"]["synthetic"][k]
+                                 for k in ("documents_per_row", "max_frames", "varied_from_step")}}
     return merge(out, change)
 
 
 def stream_section(bench: Bench, out: Path) -> dict[str, tp.Any]:
     """Each model over streams of held-out documents, never reset: the main job, its baseline, and
-    each ingredient alone (forgetting without streams, streams without forgetting)."""
-    forget = bench.streams["ttt"]["forget"]
+    the recipes it grew from (no gate: a fixed forgetting factor, or none; documents of one length)."""
+    one_length = {"data": {"synthetic": {"max_frames": None}}}
+    fixed = {"ttt": {"forget": 0.8, "gate": "none"}, **one_length}
     runs = {
-        f"main job: streams, forget {forget}": ("stream", stream_change(bench)),
+        "main job: streams, gate decay_write, documents of varied length": ("stream", stream_change(bench)),
         "baseline trained alike without TTT": ("stream-baseline", stream_change(bench, baseline=True)),
         "one document at a time, never forgetting (issue 11)": ("main", None),
         "baseline of that": ("main-baseline", {"baseline": True}),
-        f"one document at a time, forget {forget}": ("document-forget", {"ttt": {"forget": forget}}),
-        "streams, never forgetting": ("stream-keep", stream_change(bench, ttt={"forget": 1.0})),
-        f"streams of two documents (not four), forget {forget}": (
-            "stream-two", stream_change(bench, batch_size=2 * bench.streams["batch_size"],
-                                        data={"synthetic": {"documents_per_row": 2}})),
-        f"streams, forget {forget}, documents of 160-240 frames": (
-            "stream-varied", stream_change(bench, data={"synthetic": {"max_frames": 240}})),
+        "one document at a time, forget 0.8": ("document-forget", {"ttt": {"forget": 0.8}}),
+        "streams, never forgetting": ("stream-keep", stream_change(bench, ttt={"forget": 1.0, "gate": "none"},
+                                                                   **one_length)),
+        "streams, forget 0.8 (the main job before the gate)": ("stream-forget", stream_change(bench, **fixed)),
+        "streams, gate decay_write, documents of one length": ("stream-one-length",
+                                                               stream_change(bench, **one_length)),
+        "streams, gate decay (no write gate), documents of one length": (
+            "stream-decay-gate", stream_change(bench, ttt={"gate": "decay"}, **one_length)),
     }
     results: dict[str, tp.Any] = {}
     for length, documents in (("20k", 125), ("100k", 625)):
         kept = {label: run for label, run in runs.items()
-                if length == "20k" or run[0] in ("stream", "stream-baseline", "main")}
+                if length == "20k" or run[0] in ("stream", "stream-baseline", "main", "stream-forget")}
         results[length] = score_streams(bench, kept, documents, out / f"recall_stream_{length}",
                                         ("baseline trained alike without TTT", "baseline of that"))
     return results
@@ -300,8 +309,7 @@ TTT_MLP_RUNS = (("TTT-MLP, base lr 0.1 (the paper's)", "ttt-mlp", {}),
 def methods_section(bench: Bench, out: Path) -> dict[str, tp.Any]:
     """In-Place TTT and TTT-MLP, each trained with the main job's recipe (streams of four
     documents after the first two thirds of the steps) on the same layer, and their baseline."""
-    forget = bench.streams["ttt"]["forget"]
-    runs = {f"In-Place TTT (main job, forget {forget})": ("stream", stream_change(bench))}
+    runs = {"In-Place TTT (main job)": ("stream", stream_change(bench))}
     for label, name, settings in TTT_MLP_RUNS:
         change = stream_change(bench)
         change["ttt"] = TTTConfig(method="ttt_mlp", layers=bench.streams["ttt"]["layers"], **settings).to_dict()

@@ -206,6 +206,17 @@ def test_gradcheck_every_parameter(make_layer, option, length):
     assert torch.autograd.gradcheck(f, (x, x0, *params))
 
 
+def test_a_one_chunk_document_still_gives_every_parameter_a_gradient(make_layer, option):
+    """FSDP reduces the gradients of every parameter with one: a process whose documents all fit
+    in one chunk (whose update and factors nothing reads) must have them too, zero."""
+    layer = make_layer(dim=4, hidden=6, chunk_size=C, **option)
+    x, x0 = random_inputs(2, C, 4)
+    layer(x, x0).sum().backward()
+    missing = [n for n, p in layer.named_parameters() if p.grad is None]
+    assert not missing
+    assert all(p.grad.abs().max() == 0 for n, p in layer.named_parameters() if n.startswith(("ttt_gate.", "ttt_target.")))
+
+
 def test_writing_the_same_chunk_again_converges_to_its_targets():
     """The delta rule moves the fast part to the chunk's targets and stops there; the additive
     rule keeps adding the same update."""

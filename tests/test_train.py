@@ -13,7 +13,7 @@ from helpers import torchrun_train
 from moshi_ttt import TTTConfig, build_lm, tiny_lm_config, ttt_layers
 from moshi_ttt.train import TrainConfig, train
 from moshi_ttt.train import checkpointing, trainer
-from moshi_ttt.train.modes import apply_mode
+from moshi_ttt.train.modes import apply_mode, parameter_group
 
 SMALL = {"max_steps": 8, "batch_size": 2, "seq_frames": 96, "log_freq": 1, "ckpt_freq": 4,
          "mode": "ttt_layers", "optim": {"lr": 1e-3},
@@ -77,11 +77,12 @@ def test_two_ddp_processes_take_the_same_steps_as_one(tmp_path):
 
 @pytest.mark.parametrize("mode", ["ttt", "ttt_layers", "lora", "full"])
 def test_each_mode_trains_exactly_what_it_names(tmp_path, mode):
-    lm = build_lm(tiny_lm_config(), TTTConfig(every=2, chunk_size=32))
+    lm = build_lm(tiny_lm_config(), TTTConfig(every=2, chunk_size=32, gate="decay_write", forget=0.9))
     counts = apply_mode(lm, mode, lora_rank=4)
     trainable = {n for n, p in lm.named_parameters() if p.requires_grad}
     everything = {n for n, _ in lm.named_parameters()}
-    ttt = {n for n in everything if ".ttt_target." in n}
+    ttt = {n for n in everything if ".ttt_target." in n or ".ttt_gate." in n}
+    assert any(".ttt_gate." in n for n in ttt)
     if mode == "ttt":
         assert trainable == ttt
     elif mode == "ttt_layers":
@@ -95,7 +96,9 @@ def test_each_mode_trains_exactly_what_it_names(tmp_path, mode):
         assert trainable == everything
     assert sum(counts.values()) == sum(p.numel() for p in lm.parameters() if p.requires_grad)
 
-    run = config(tmp_path, mode=mode, max_steps=1, ckpt_freq=1, lora={"rank": 4})
+    run = config(tmp_path, mode=mode, max_steps=1, ckpt_freq=1, lora={"rank": 4},
+                 ttt=dict(SMALL["ttt"], gate="decay_write", forget=0.9, chunk_size=16))  # a decay is read from
+    # the third chunk of a document on
     start = trainer.build_model(run, torch.device("cpu"))
     apply_mode(start, mode, lora_rank=4)
     before = {n: p.detach().clone() for n, p in start.named_parameters()}
@@ -195,7 +198,7 @@ def test_the_baseline_trains_the_same_run_without_ttt(tmp_path):
     trainable = {n for n, p in lm.named_parameters() if p.requires_grad}
     with_ttt = trainer.build_model(config(tmp_path, "ttt"), torch.device("cpu"))
     apply_mode(with_ttt, "ttt_layers")
-    same = {n for n, p in with_ttt.named_parameters() if p.requires_grad and ".ttt_target." not in n}
+    same = {n for n, p in with_ttt.named_parameters() if p.requires_grad and not parameter_group(n).startswith("ttt_")}
     assert trainable == same
     # The same initial weights as its TTT run.
     ttt_state = with_ttt.state_dict()
@@ -344,6 +347,37 @@ def test_documents_of_varied_length():
     same = SyntheticDocuments(32, 64, 3, num_codebooks=5, dep_q=2, card=64, text_card=120, text_padding_id=3,
                               spacing=8)
     assert all(same.num_frames(i) == 64 for i in range(32))
+
+
+def test_documents_of_varied_length_from_a_step_on_also_after_a_resume(tmp_path, monkeypatch):
+    """varied_from_step: the rows of earlier steps hold documents of `frames` only (whole, so a
+    row of 96 frames is one of 64 and padding); from that step on, of 64..96 frames, as after
+    a resume from a checkpoint before or after it."""
+    seen = []
+    real = trainer.document_segments
+
+    def spy(lm, segments):
+        seen.append(segments.clone())
+        return real(lm, segments)
+    monkeypatch.setattr(trainer, "document_segments", spy)
+    synthetic = dict(SMALL["data"]["synthetic"], max_frames=96, varied_from_step=3)
+
+    def first_pieces(step_segments):  # frames of each row's first document
+        return [int((row == row[0]).sum()) for row in step_segments]
+    run = config(tmp_path, max_steps=6, ckpt_freq=2, do_eval=False, data={"synthetic": synthetic})
+    train(run)
+    straight = [first_pieces(step) for step in seen]
+    assert all(n == 64 for step in straight[:3] for n in step)
+    assert any(n != 64 for step in straight[3:] for n in step)
+    for stop in (2, 4):
+        seen.clear()
+        resumed = config(tmp_path, f"resumed-{stop}", max_steps=6, ckpt_freq=2, do_eval=False,
+                         data={"synthetic": synthetic})
+        train(resumed, stop_after=stop)
+        train(resumed, resume=True)
+        assert [first_pieces(step) for step in seen] == straight
+    with pytest.raises(ValueError, match=r"data.synthetic.varied_from_step=-1: expected an integer >= 0"):
+        config(tmp_path, data={"synthetic": dict(synthetic, varied_from_step=-1)})
 
 
 def test_sigint_finishes_the_step_writes_a_checkpoint_and_resume_continues(tmp_path, monkeypatch, capsys):

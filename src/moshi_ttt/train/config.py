@@ -64,7 +64,11 @@ class SyntheticConfig:
     spacing: int = 8  # frames between consecutive statements (and questions)
     speaker: str = "text"  # text: the model's text stream states the facts; user: the user's audio
     audio: str = "noise"  # the audio codebooks that say no fact: uniform noise, or silence
-    max_frames: int | None = None  # training documents of frames .. max_frames frames (null: all `frames`)
+    # Training documents of frames .. max_frames frames (null: all of `frames`), from step
+    # varied_from_step on, all of `frames` before it: recall is learnt on short documents (from
+    # the start, documents up to 4x as long kept it at chance), then kept over topics of any length.
+    max_frames: int | None = 640
+    varied_from_step: int = 1300
     # Without seq_frames or duration_sec, a row is this many documents of `frames` (the main
     # job: four; with two the model learned too little of a memory that holds many).
     documents_per_row: int = 4
@@ -99,10 +103,12 @@ class TrainConfig:
     # frames: 4 layers x 16 = 64 frames is the farthest a chain of attention reaches, and
     # every fact of the default documents is stated further back than that.
     tiny: dict = field(default_factory=lambda: dict(TINY_DEFAULTS))
-    # forget 0.8: a fact written 5 chunks (160 frames) ago weighs 0.33, one of ten documents
-    # back 1e-5, so the latest value of a key outweighs the older ones (docs/recall.md).
+    # A gate decides from each chunk's content how much of the fast weights it keeps and how
+    # strongly it writes (starting from 0.9 and 1): it learns to keep everything and write
+    # little over filler, and to forget at new statements, so the reach is set by what was
+    # said, not by a clock (docs/recall.md).
     ttt: TTTConfig = field(default_factory=lambda: TTTConfig(
-        layers=[0], chunk_size=32, eta=0.5, init="next_token", x0_source="text", forget=0.8))
+        layers=[0], chunk_size=32, eta=0.5, init="next_token", x0_source="text", forget=0.9, gate="decay_write"))
     data: DataConfig = field(default_factory=DataConfig)
     mode: str = "full"  # what trains: ttt | ttt_layers | lora | full (the tiny model starts from random weights)
     # The fair baseline: this run without TTT (no TTT layer); in ttt_layers mode the
@@ -113,13 +119,13 @@ class TrainConfig:
     # from step stream_from_step on (a curriculum: first recall, then recall in a full memory;
     # stream_from_step means nothing with "document").
     reset_fast_weights: str = "row"
-    stream_from_step: int = 1200
+    stream_from_step: int = 800
     lora: LoraConfig = field(default_factory=LoraConfig)
     eta_warmup_steps: int = 0  # TTT's eta ramps linearly from 0 to ttt.eta over these first steps
     first_codebook_weight_multiplier: float = 100.0
     text_padding_weight: float = 0.5
     optim: OptimConfig = field(default_factory=OptimConfig)
-    max_steps: int = 1800  # 1200 steps on fresh documents, then 600 on streams
+    max_steps: int = 1800  # 800 steps on fresh documents, 500 on streams, 500 on streams of varied length
     batch_size: int = 2  # sequences per process and micro-batch
     num_microbatches: int = 1  # gradient accumulation
     # Row length: seconds (12.5 frames each) or frames, at most one of the two; with neither,
@@ -212,6 +218,7 @@ class TrainConfig:
         if self.data.synthetic.max_frames is not None:
             _check("data.synthetic.max_frames", self.data.synthetic.max_frames, int,
                    minimum=self.data.synthetic.frames)
+        _check("data.synthetic.varied_from_step", self.data.synthetic.varied_from_step, int, minimum=0)
         if self.duration_sec is not None and self.seq_frames is not None:
             raise ValueError(f"duration_sec={self.duration_sec!r}, seq_frames={self.seq_frames!r}: "
                              "give at most one of the two")

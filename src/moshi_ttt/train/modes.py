@@ -13,13 +13,15 @@ from moshi.modules.lora import LoRALinear, replace_all_linear_with_lora
 
 from ..models.convert import TTT_MLP_SLOT, ttt_layers
 
-GROUPS = ("ttt_target", "ttt_mlp", "w_down", "lora", "other")
+GROUPS = ("ttt_target", "ttt_gate", "ttt_mlp", "w_down", "lora", "other")
 
 
 def parameter_group(name: str) -> str:
     """The group a parameter's gradient norm is logged under."""
     if ".ttt_target." in name:
         return "ttt_target"
+    if ".ttt_gate." in name:
+        return "ttt_gate"
     if f".{TTT_MLP_SLOT}." in name:
         return "ttt_mlp"
     if "lora_A" in name or "lora_B" in name:
@@ -48,9 +50,10 @@ def apply_mode(lm: LMModel, mode: str, lora_rank: int = 16, lora_scaling: float 
         elif mode == "ttt_layers":
             trains = name.startswith(ttt_layer_prefixes)
         elif mode == "lora":
-            trains = parameter_group(name) in ("ttt_target", "ttt_mlp", "lora") or (ft_embed and "emb" in name)
+            trains = (parameter_group(name) in ("ttt_target", "ttt_gate", "ttt_mlp", "lora")
+                      or (ft_embed and "emb" in name))
         elif mode == "ttt":
-            trains = parameter_group(name) in ("ttt_target", "ttt_mlp")
+            trains = parameter_group(name) in ("ttt_target", "ttt_gate", "ttt_mlp")
         else:
             raise ValueError(f"mode={mode!r}: expected one of ttt, ttt_layers, lora, full")
         param.requires_grad_(trains)

@@ -100,15 +100,19 @@ def prepare_model(config: TrainConfig, device: torch.device) -> tuple[LMModel, d
     return lm, counts
 
 
-def build_source(config: TrainConfig, lm: LMModel, documents: str | None = None) -> DocumentSource:
-    """The documents at `documents` (by default data.train_data), or the synthetic ones."""
+def build_source(config: TrainConfig, lm: LMModel, documents: str | None = None, step: int | None = None
+                 ) -> DocumentSource:
+    """The documents at `documents` (by default data.train_data), or the synthetic ones (those
+    of training step `step`: of one length before data.synthetic.varied_from_step)."""
     data = config.data
     documents = documents or data.train_data
     if data.source == "synthetic":
         from ..data.synthetic import SyntheticDocuments
+        varied = step is None or step >= data.synthetic.varied_from_step
         return SyntheticDocuments(data.synthetic.num_documents, num_codebooks=lm.num_codebooks, dep_q=lm.dep_q,
                                   card=lm.card, text_card=lm.text_card, text_padding_id=lm.text_padding_token_id,
-                                  seed=config.seed, max_frames=data.synthetic.max_frames, **data.synthetic.layout())
+                                  seed=config.seed, max_frames=data.synthetic.max_frames if varied else None,
+                                  **data.synthetic.layout())
     if data.source == "codes":
         from ..data.code_files import CodeFiles
         return CodeFiles(documents, lm.num_codebooks)
@@ -252,7 +256,7 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
     if sharded:
         shard_model(lm, dist.world_size, dist.device, config.bf16)
     params = [p for p in lm.parameters() if p.requires_grad]
-    batcher = SequenceBatcher(build_source(config, lm), config.frames, seed=config.seed,
+    batcher = SequenceBatcher(build_source(config, lm, step=0), config.frames, seed=config.seed,
                               shuffle=config.data.shuffle, whole_documents=config.data.pack == "whole")
     validation = _validation_set(config, lm) if config.do_eval and config.data.eval_data else None
     optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
@@ -285,6 +289,7 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
     inplace_layers = [(name, layer) for name, layer in fast_layers if layer.method == "inplace"]
     target_etas = [layer.eta for _, layer in inplace_layers]  # each layer's own (its config's, retuned)
     interrupted, last_saved, done = None, None, step
+    start_step = step
     with stop_on_signals() as request:
         for step in progress:
             start = time.perf_counter()
@@ -292,6 +297,8 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
             for (_, layer), eta in zip(inplace_layers, target_etas):
                 layer.capture = [] if log_now else None
                 layer.eta = eta_at(eta, config.eta_warmup_steps, step)
+            if config.data.source == "synthetic" and step in (start_step, config.data.synthetic.varied_from_step):
+                batcher.source = build_source(config, lm, step=step)  # the curriculum's lengths, also on resume
             metrics = _train_step(config, dist, lm, model, batcher, optimizer, streams=streams_at(config, step))
             done = step + 1
             schedule.step()
