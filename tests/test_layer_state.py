@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import random_inputs, stream
+from helpers import assert_reset_one_sample, random_inputs, stream
 
 C = 4
 
@@ -61,18 +61,7 @@ def test_samples_have_their_own_fast_weights(make_layer):
 @pytest.mark.parametrize("forget", [1.0, 0.6])
 def test_reset_one_sample(make_layer, reset_at, forget):
     layer = make_layer(chunk_size=C, kernel_size=3, clip_tau=0.05, forget=forget)
-    x, x0 = random_inputs(2, 5 * C, layer.dim)
-    untouched = stream(layer, x, x0, [1])
-    fresh = stream(layer, x[1:, reset_at:], x0[1:, reset_at:], [1])
-    outs = []
-    with layer.streaming(2):
-        for t in range(x.shape[1]):
-            if t == reset_at:
-                layer.reset_streaming(torch.tensor([False, True]))
-            outs.append(layer(x[:, t:t + 1], x0[:, t:t + 1]))
-    outs = torch.cat(outs, dim=1)
-    torch.testing.assert_close(outs[0], untouched[0], rtol=0, atol=0)
-    torch.testing.assert_close(outs[1, reset_at:], fresh[0], rtol=1e-12, atol=1e-12)
+    assert_reset_one_sample(layer, 5 * C, reset_at)
 
 
 @pytest.mark.parametrize("skip_sizes", [[1], [2 * C + 3, 2]], ids=["steps", "whole-chunks"])

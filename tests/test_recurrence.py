@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 from torch.utils.checkpoint import set_checkpoint_early_stop
 
-from helpers import random_inputs, stream
+from helpers import assert_causal, assert_reset_one_sample, gradcheck_layer, random_inputs, stream
 from moshi_ttt import InPlaceTTTGating
 from moshi_ttt.ops import inplace_ttt_down
 from moshi_ttt.ops.inplace.recurrence import chunk_recurrence, l2_step_scales, recurrence_trace
@@ -111,14 +110,7 @@ def test_streaming_fold_covers_every_row(make_layer, option, dim, chunk_size):
 @pytest.mark.parametrize("p", [1, C, 2 * C + 2])
 def test_parallel_is_causal(make_layer, option, p):
     layer = make_layer(chunk_size=C, kernel_size=3, **option)
-    x, x0 = random_inputs(2, 5 * C, layer.dim)
-    base = layer(x, x0)
-    x2, x02 = x.clone(), x0.clone()
-    x2[:, p:] += torch.randn_like(x2[:, p:])
-    x02[:, p:] += torch.randn_like(x02[:, p:])
-    moved = layer(x2, x02)
-    assert torch.equal(moved[:, :p], base[:, :p])
-    assert not torch.allclose(moved[:, p:], base[:, p:])
+    assert_causal(layer, 5 * C, p)
 
 
 def test_the_gate_reads_only_its_own_chunk(make_layer):
@@ -136,18 +128,7 @@ def test_the_gate_reads_only_its_own_chunk(make_layer):
 @pytest.mark.parametrize("reset_at", [C + 2, 2 * C])
 def test_reset_one_sample(make_layer, option, reset_at):
     layer = make_layer(chunk_size=C, kernel_size=3, **option)
-    x, x0 = random_inputs(2, 5 * C, layer.dim)
-    untouched = stream(layer, x, x0, [1])
-    fresh = stream(layer, x[1:, reset_at:], x0[1:, reset_at:], [1])
-    outs = []
-    with layer.streaming(2):
-        for t in range(x.shape[1]):
-            if t == reset_at:
-                layer.reset_streaming(torch.tensor([False, True]))
-            outs.append(layer(x[:, t:t + 1], x0[:, t:t + 1]))
-    outs = torch.cat(outs, dim=1)
-    torch.testing.assert_close(outs[0], untouched[0], rtol=0, atol=0)
-    torch.testing.assert_close(outs[1, reset_at:], fresh[0], rtol=1e-12, atol=1e-12)
+    assert_reset_one_sample(layer, 5 * C, reset_at)
 
 
 @pytest.mark.parametrize("skip", [[1, 1, 1], [2 * C + 3]], ids=["steps", "whole-chunks"])
@@ -193,17 +174,8 @@ def test_packed_documents_share_no_fast_weights(make_layer, option):
 @pytest.mark.parametrize("length", [2 * C + 1, 3 * C])
 def test_gradcheck_every_parameter(make_layer, option, length):
     layer = make_layer(dim=4, hidden=6, chunk_size=C, scan_block=C, **option)
-    x, x0 = random_inputs(2, length, 4)
-    names = [n for n, _ in layer.named_parameters()]
+    names = gradcheck_layer(layer, length)
     assert any(n.startswith("ttt_gate.") for n in names) == (option["gate"] != "none")
-    params = [p.detach().clone().requires_grad_(True) for _, p in layer.named_parameters()]
-    x.requires_grad_(True)
-    x0.requires_grad_(True)
-
-    def f(x, x0, *params):
-        return functional_call(layer, dict(zip(names, params)), (x, x0))
-
-    assert torch.autograd.gradcheck(f, (x, x0, *params))
 
 
 def test_a_one_chunk_document_still_gives_every_parameter_a_gradient(make_layer, option):

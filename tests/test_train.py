@@ -314,9 +314,9 @@ def test_configs_round_trip_through_their_yaml():
         TrainConfig.from_dict({"model": None})
 
 
-def test_rows_without_reset_share_fast_weights(tmp_path, monkeypatch):
-    """reset_fast_weights=row: a row's documents reach the TTT layers as one segment; the
-    default gives each its own."""
+@pytest.fixture
+def seen_segments(monkeypatch):
+    """The document ids of every training forward, in order (a list the test may clear)."""
     seen = []
     real = trainer.document_segments
 
@@ -324,6 +324,13 @@ def test_rows_without_reset_share_fast_weights(tmp_path, monkeypatch):
         seen.append(segments.clone())
         return real(lm, segments)
     monkeypatch.setattr(trainer, "document_segments", spy)
+    return seen
+
+
+def test_rows_without_reset_share_fast_weights(tmp_path, seen_segments):
+    """reset_fast_weights=row: a row's documents reach the TTT layers as one segment; the
+    default gives each its own."""
+    seen = seen_segments
     for reset, from_step, expected in (("document", 0, [3, 3]), ("row", 0, [1, 1]), ("row", 1, [3, 1])):
         seen.clear()
         train(config(tmp_path, f"{reset}-{from_step}", max_steps=2, ckpt_freq=2, do_eval=False, seq_frames=160,
@@ -349,17 +356,11 @@ def test_documents_of_varied_length():
     assert all(same.num_frames(i) == 64 for i in range(32))
 
 
-def test_documents_of_varied_length_from_a_step_on_also_after_a_resume(tmp_path, monkeypatch):
+def test_documents_of_varied_length_from_a_step_on_also_after_a_resume(tmp_path, seen_segments):
     """varied_from_step: the rows of earlier steps hold documents of `frames` only (whole, so a
     row of 96 frames is one of 64 and padding); from that step on, of 64..96 frames, as after
     a resume from a checkpoint before or after it."""
-    seen = []
-    real = trainer.document_segments
-
-    def spy(lm, segments):
-        seen.append(segments.clone())
-        return real(lm, segments)
-    monkeypatch.setattr(trainer, "document_segments", spy)
+    seen = seen_segments
     synthetic = dict(SMALL["data"]["synthetic"], max_frames=96, varied_from_step=3)
 
     def first_pieces(step_segments):  # frames of each row's first document

@@ -252,12 +252,12 @@ class InPlaceTTTGating(FastWeightLayer, StreamingModule[FastWeightState]):
             self.capture.append(ChunkRecord(z.detach(), v.detach(), *(
                 None if f is None else f.detach() for f in recorded)))
         if self.recurrent:
-            term, final = chunk_recurrence(z, v, self.chunk_size, self.eta, self.objective, *factors,
-                                           block_chunks=self._block_chunks())
-            # Nothing reads the last chunk's update and factors: with weight 0 they keep the targets
-            # and the gate in the graph of a one-chunk document, so that every FSDP process reduces
+            term, _ = chunk_recurrence(z, v, self.chunk_size, self.eta, self.objective, *factors,
+                                       block_chunks=self._block_chunks())
+            # Nothing reads the last chunk's update and factors: with weight 0 the targets and the
+            # factors stay in the graph of a one-chunk document, so that every FSDP process reduces
             # the same gradients.
-            unread = sum(t.sum() for t in (final, *factors) if t is not None)
+            unread = sum(t.sum() for t in (v, *factors) if t is not None)
             out = self.linear_out(z)
             return out + (term + 0 * unread).to(out.dtype)
         args = (self.chunk_size, self.eta, self.clip_tau, self.forget)
