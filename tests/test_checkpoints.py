@@ -142,3 +142,13 @@ def test_a_mistyped_directory_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     for source in ("runs/nonexistent", str(tmp_path / "missing"), "missing", "a/b/c"):
         with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
             checkpoint_info(source)
+
+
+def test_a_repo_id_the_hub_cannot_give_is_one_line(tmp_path, monkeypatch):
+    """"runs/x" on a fresh clone (no runs/) looks like a repo id: one quick question to the hub
+    (not a minute of download retries), and one line whatever the network."""
+    from moshi_ttt.models import checkpoint_info
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"^runs/x: no local directory runs/x, and (the Hugging Face Hub "
+                                                r"cannot be reached \(\w+\)|no such repository on the Hugging Face Hub)$"):
+        checkpoint_info("runs/x")

@@ -167,3 +167,17 @@ def test_local_weights_under_another_name(tmp_path, finetune_data):
                     ttt={"every": 2, "chunk_size": 8}, lora={"rank": 4})
     config["moshi_paths"]["moshi_path"] = str(model / "consolidated.safetensors")
     assert len(train(TrainConfig.from_dict(config))["losses"]) == 1
+
+
+def test_missing_data_is_named_before_the_model_loads(tmp_path, monkeypatch):
+    """The example as given (the hub's 7B model) with a train_data that is not there: one line
+    naming the data, before any download and with nothing written."""
+    from moshi_ttt.train import trainer
+    monkeypatch.setattr(trainer, "prepare_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    config = json.loads(json.dumps(EXAMPLE))
+    config["data"]["train_data"] = str(tmp_path / "missing.jsonl")
+    config["run_dir"] = str(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=r"data.train_data='.*missing.jsonl': expected a .jsonl file "
+                                                r"\(data.source='finetune'\); not found"):
+        train(TrainConfig.from_dict(config))
+    assert not (tmp_path / "run").exists()

@@ -45,9 +45,13 @@ def test_loss_goes_down_on_synthetic_data(tmp_path):
     assert any(k.startswith("fast_weight_update/transformer.layers.") for k in logged)
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys):
     whole = train(config(tmp_path, "whole", ckpt_freq=3))["losses"]
+    capsys.readouterr()
     first = train(config(tmp_path, "split", ckpt_freq=3), stop_after=4)["losses"]
+    out = capsys.readouterr().out
+    assert "--stop-after 4: stopped after step 4 of 8; continue with the same command and --resume." in out
+    assert (tmp_path / "split" / "losses.png").is_file() and "about " in out and " s of training left" in out
     # A checkpoint every 3 steps, and one where the run stopped.
     assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "split")] == ["step_000003", "step_000004"]
     rest = train(config(tmp_path, "split", ckpt_freq=3), resume=True)["losses"]
@@ -150,6 +154,70 @@ def test_bad_config_names_the_field(data, match):
         return
     with pytest.raises(ValueError, match=match):
         TrainConfig.from_dict(data)
+
+
+def _every_key():
+    """(dotted key, a value of the wrong type for it) for every key of every config section."""
+    import dataclasses
+    import types
+    import typing as tp
+    from moshi_ttt.models.tiny import tiny_lm_config
+    from moshi_ttt.train.config import _nested_type
+
+    def wrong(annotation):
+        kinds = tp.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+        return 5 if str in kinds else "abc"
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            nested = _nested_type(f.type)
+            if nested is None or nested is TTTConfig:
+                yield from (walk_ttt(prefix + f.name + ".") if nested is TTTConfig else
+                            [(prefix + f.name, wrong(f.type))])
+            else:
+                yield from walk(nested, prefix + f.name + ".")
+
+    def walk_ttt(prefix):
+        return [(prefix + f.name, wrong(f.type)) for f in dataclasses.fields(TTTConfig)]
+    tiny = [(f"tiny.{k}", wrong(type(v))) for k, v in tiny_lm_config().items() if v is not None]
+    return list(walk(TrainConfig, "")) + tiny
+
+
+def test_a_value_of_the_wrong_type_is_one_line_that_names_its_key():
+    keys = _every_key()
+    assert len(keys) > 100 and "max_steps" in dict(keys) and "tiny.context" in dict(keys)
+    for key, value in keys:
+        data = {}
+        *parents, leaf = key.split(".")
+        target = data
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+        with pytest.raises(ValueError) as refused:
+            TrainConfig.from_dict(data)
+        assert leaf in str(refused.value) and "\n" not in str(refused.value), (key, str(refused.value))
+
+
+@pytest.mark.parametrize("arguments,shown", [
+    (["--set", "max_steps=abc"], "max_steps='abc': expected an integer"),
+    (["--set", "tiny.context=abc"], "tiny.context='abc': expected an integer"),
+    (["--set", "optim.lr=abc"], "optim.lr='abc': expected a number"),
+    (["--set", "max_steps"], "--set 'max_steps': expected KEY=VALUE"),
+    (["--set", "ttt={eta: 0.5"], "--set 'ttt={eta: 0.5': the value is not valid YAML"),
+    (["--config", "nope.yaml"], "training config not found: nope.yaml"),
+    (["--config", "bad.yaml"], "bad.yaml is not valid YAML: expected ',' or '}', but got '<stream end>' at line 2"),
+    (["--with-baseline", "--stop-after", "5"], "--with-baseline trains both runs to the end"),
+])
+def test_a_bad_command_line_is_one_line_status_2_and_writes_nothing(tmp_path, arguments, shown):
+    import subprocess
+    import sys
+    (tmp_path / "bad.yaml").write_text("ttt: {eta: 0.5\n")
+    done = subprocess.run([sys.executable, "-m", "moshi_ttt.cli", "train", "--set", "run_dir=run", *arguments],
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "NO_TORCH_COMPILE": "1"})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("moshi-ttt train: error: ")
+    assert shown in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
 
 
 def test_config_files(tmp_path):
@@ -398,10 +466,25 @@ def test_sigint_finishes_the_step_writes_a_checkpoint_and_resume_continues(tmp_p
     assert stopped.value.code == 128 + signal.SIGINT
     assert "SIGINT: stopped after step 3 of 8" in capsys.readouterr().out
     assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "split")] == ["step_000003"]
+    assert (tmp_path / "split" / "losses.png").is_file()
     monkeypatch.setattr(trainer, "_train_step", real_step)
     rest = train(config(tmp_path, "split", ckpt_freq=100), resume=True)["losses"]
     assert list(logged_losses(tmp_path / "split").values()) == whole and len(rest) == 5
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_ctrl_c_in_the_final_evaluation_keeps_the_model_and_says_how_to_score_it(tmp_path, monkeypatch, capsys):
+    import signal
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(trainer.RecallProbe, "final", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        train(config(tmp_path, max_steps=2, ckpt_freq=2))
+    assert stopped.value.code == 128 + signal.SIGINT
+    out = capsys.readouterr().out
+    assert f"SIGINT during the final evaluation: the trained model is in {tmp_path / 'run' / 'final'}" in out
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
 
 
 def test_a_used_run_dir_is_never_clobbered(tmp_path):

@@ -197,6 +197,8 @@ def checkpoint_info(source: str | Path, *, moshi_weights: str | Path | None = No
         if path.exists() or looks_local or len(path.parts) != 2:
             raise FileNotFoundError(f"{source}: no such checkpoint directory (nor a Hugging Face repo id, "
                                     "which is owner/name)")
+        _check_hub_repo(str(source))
+
         def local(file):  # a local override: moshi reads a Path as it is, a name from the repo
             return None if file is None else Path(file)
         return loaders.CheckpointInfo.from_hf_repo(str(source), moshi_weights=local(moshi_weights),
@@ -220,6 +222,27 @@ def checkpoint_info(source: str | Path, *, moshi_weights: str | Path | None = No
         mimi_weights=mimi_weights if mimi_weights is not None else local("mimi_name", loaders.MIMI_NAME),
         tokenizer=tokenizer if tokenizer is not None else local("tokenizer_name", loaders.TEXT_TOKENIZER_NAME),
         config_path=config_file, **optional)
+
+
+def _check_hub_repo(repo: str) -> None:
+    """One quick request before moshi's downloads (which retry for a minute): a repo that is not
+    cached and that the hub does not have, or cannot be asked about, is one line that says so.
+    Offline mode and a cached repo go straight to moshi's loader."""
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    if huggingface_hub.constants.HF_HUB_OFFLINE or isinstance(
+            huggingface_hub.try_to_load_from_cache(repo, "config.json"), str):
+        return
+    try:
+        huggingface_hub.model_info(repo, timeout=10)
+    except GatedRepoError:
+        return  # the download says what access it needs
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{repo}: no local directory {repo}, and no such repository on the Hugging Face "
+                                "Hub") from None
+    except OSError as error:  # requests' connection errors and timeouts, the hub's HTTP errors
+        raise FileNotFoundError(f"{repo}: no local directory {repo}, and the Hugging Face Hub cannot be reached "
+                                f"({type(error).__name__})") from None
 
 
 ASSET_KEYS = ("mimi_name", "mimi_config_name", "tokenizer_name")

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import yaml
 
+from ..utils.yaml_files import one_line, read_yaml
+
 
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -24,24 +26,23 @@ def train_parser() -> argparse.ArgumentParser:
 
 def train_command(argv: list[str]) -> None:
     args = train_parser().parse_args(argv)
-    data = {}
-    if args.config is not None:
-        if not args.config.is_file():
-            raise SystemExit(f"training config not found: {args.config}")
-        data = yaml.safe_load(args.config.read_text()) or {}
+    data = {} if args.config is None else read_yaml(args.config, "training config")
     for override in args.overrides:
         key, sep, value = override.partition("=")
         if not sep:
-            raise SystemExit(f"--set {override!r}: expected KEY=VALUE")
+            raise ValueError(f"--set {override!r}: expected KEY=VALUE")
         target = data
         *parents, leaf = key.split(".")
         for parent in parents:
             target = target.setdefault(parent, {})
-        target[leaf] = yaml.safe_load(value)
+        try:
+            target[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ValueError(f"--set {override!r}: the value is not valid YAML ({one_line(error)})") from None
     if args.baseline:
         data["baseline"] = True
     if args.with_baseline and args.stop_after is not None:
-        raise SystemExit("--with-baseline trains both runs to the end: it cannot take --stop-after")
+        raise ValueError("--with-baseline trains both runs to the end: it cannot take --stop-after")
     from .config import TrainConfig  # here, not above: `--help` needs no torch
     config = TrainConfig.from_dict(data)
     if args.with_baseline:

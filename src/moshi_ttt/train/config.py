@@ -18,6 +18,7 @@ import yaml
 
 from ..models.config import METHOD_FIELDS, TTTConfig
 from ..utils.mappings import deep_merged
+from ..utils.yaml_files import read_yaml
 from .finetune_yaml import from_finetune_vocabulary, uses_finetune_vocabulary
 
 MODES = ("ttt", "ttt_layers", "lora", "full")
@@ -191,6 +192,9 @@ class TrainConfig:
         unknown = sorted(set(self.tiny) - set(known))
         if unknown:
             raise ValueError(f"unknown tiny model key(s) {unknown}: expected some of {sorted(known)}")
+        for key, value in self.tiny.items():
+            if known[key] is not None:  # of the built-in value's type (an integer where it is a number)
+                _check_type(f"tiny.{key}", value, type(known[key]))
         if self.data.source not in SOURCES:
             raise ValueError(f"data.source={self.data.source!r}: expected one of {SOURCES}")
         if self.data.pack not in PACKINGS:
@@ -276,14 +280,7 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"training config not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ValueError(f"{path} is not valid YAML: {error}") from error
-        return cls.from_dict(data)
+        return cls.from_dict(read_yaml(Path(path), "training config"))
 
 
 # A checkpoint is finetuned from moshi-finetune's habits and the library's TTT defaults
@@ -325,7 +322,9 @@ def _build(cls, data: tp.Any, prefix: str):
         if nested is None:
             if fields[name].type is dict and isinstance(value, tp.Mapping):
                 value = {**fields[name].default_factory(), **value}  # a partial mapping keeps the defaults
-            kwargs[name] = _yaml_float(value) if _is_float_field(fields[name].type) else value
+            value = _yaml_float(value) if _is_float_field(fields[name].type) else value
+            _check_type(prefix + name, value, fields[name].type)
+            kwargs[name] = value
             continue
         if isinstance(value, nested):  # a default carried down from the enclosing section
             kwargs[name] = value
@@ -352,6 +351,35 @@ def _build(cls, data: tp.Any, prefix: str):
 
 def _shallow_dict(instance) -> dict[str, tp.Any]:
     return {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)}
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+               dict: "a mapping"}
+
+
+def _check_type(name: str, value, annotation) -> None:
+    """A value of the field's declared type (`X | None`: also null), checked before any other
+    rule compares it, so that a wrong type gets one line that names the key."""
+    allowed = tp.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    optional = type(None) in allowed
+    if value is None and optional:
+        return
+    allowed = tuple(kind for kind in allowed if kind is not type(None))
+    for kind in allowed:
+        if kind is bool and isinstance(value, bool):
+            return
+        if kind in (int, float) and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if kind is float and isinstance(value, float):
+            return
+        if kind in (str, list) and isinstance(value, kind):
+            return
+        if kind is dict and isinstance(value, tp.Mapping):
+            return
+        if kind not in _TYPE_NAMES:  # a type this check does not know: the field's own rules decide
+            return
+    expected = " or ".join([_TYPE_NAMES[kind] for kind in allowed] + (["null"] if optional else []))
+    raise ValueError(f"{name}={value!r}: expected {expected}")
 
 
 def _is_float_field(annotation) -> bool:

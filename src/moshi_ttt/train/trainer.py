@@ -246,6 +246,7 @@ def _check_baseline_model(config: TrainConfig) -> None:
 
 def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int | None) -> dict[str, tp.Any]:
     run_dir = Path(config.run_dir)
+    _check_data_paths(config)  # before the model loads (a checkpoint may first download for minutes)
     if not resume:  # before anything slow; every process checks, the main one clears
         _claim_run_dir(run_dir, config.overwrite_run_dir, dist)
     if config.wandb.project and dist.is_main:
@@ -332,8 +333,10 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
             if log_now or "recall/accuracy" in metrics or "eval/loss" in metrics:
                 metrics_log.log(step + 1, metrics)
             if log_now and dist.is_main and not interactive:
+                left = train_s / (step + 1 - start_step) * (last_step - step - 1)
                 print(f"step {step + 1}/{config.max_steps}: loss {metrics['loss']:.3f}, lr {metrics['lr']:.2e}, "
-                      f"{metrics['frames_per_s']:.0f} frames/s, {train_s:.0f} s", flush=True)
+                      f"{metrics['frames_per_s']:.0f} frames/s, {train_s:.0f} s, about {left:.0f} s of training "
+                      "left", flush=True)
             if config.do_ckpt and ((step + 1) % config.ckpt_freq == 0 or step + 1 == last_step or interrupted):
                 state = {"step": step + 1, "schedule": schedule.state_dict(), "rng": rng_state(),
                          "data": batcher.state_dict()}
@@ -345,6 +348,11 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
         # A signal during the last step's save: the run ends there, its checkpoint written.
         interrupted = interrupted or request.agreed(dist)
     metrics_log.close()
+    if dist.is_main:
+        from .plots import plot_losses
+        plot = plot_losses(run_dir)
+        if plot is not None:
+            print(f"losses plotted in {plot}")
     if interrupted:
         name = signal.Signals(interrupted).name
         if dist.is_main and not config.do_ckpt:
@@ -355,11 +363,10 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
             print(f"{name}: stopped after step {done} of {config.max_steps}; checkpoint written to "
                   f"{saved}. Continue with the same command and --resume.", flush=True)
         raise SystemExit(128 + interrupted)
-    if dist.is_main:
-        from .plots import plot_losses
-        plot = plot_losses(run_dir)
-        if plot is not None:
-            print(f"losses plotted in {plot}")
+    if last_step < config.max_steps and dist.is_main:
+        print(f"--stop-after {last_step}: stopped after step {last_step} of {config.max_steps}; "
+              + ("continue with the same command and --resume." if config.do_ckpt else
+                 "no checkpoint (do_ckpt: false), so the run cannot be resumed."), flush=True)
     result = {"losses": losses, "trainable": counts, "run_dir": str(run_dir)}
     if last_step == config.max_steps and sharded:  # the main process gets the whole model back
         whole_state = consolidated_state_dict(lm)
@@ -374,12 +381,22 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
     if last_step == config.max_steps and dist.is_main:
         _export(lm, config, run_dir / "final")  # before the evaluation, which takes minutes
         if probe is not None:
-            result["recall"] = probe.final(lm, run_dir / "recall")
-            if config.eval_stream_documents:
-                result["recall_stream"] = probe.final_stream(lm, run_dir / "recall")
-                if max(config.eval_lengths) > 1:
-                    result["recall_stream_varied"] = probe.final_stream(lm, run_dir / "recall" / "varied",
-                                                                        varied=True)
+            try:
+                result.update(_final_recall(config, probe, lm, run_dir / "recall"))
+            except KeyboardInterrupt:
+                print(f"\nSIGINT during the final evaluation: the trained model is in {run_dir / 'final'}; "
+                      f"score it alone with `moshi-ttt eval --model {run_dir / 'final'} --recall`.", flush=True)
+                raise SystemExit(128 + signal.SIGINT) from None
+    return result
+
+
+def _final_recall(config: TrainConfig, probe: "RecallProbe", lm: LMModel, out: Path) -> dict[str, tp.Any]:
+    """The end-of-run recall: per document (and by length), over streams of one length and of varied ones."""
+    result = {"recall": probe.final(lm, out)}
+    if config.eval_stream_documents:
+        result["recall_stream"] = probe.final_stream(lm, out)
+        if max(config.eval_lengths) > 1:
+            result["recall_stream_varied"] = probe.final_stream(lm, out / "varied", varied=True)
     return result
 
 
@@ -504,6 +521,19 @@ def _gates(fast_layers: list) -> dict[str, float]:
 RESUMABLE_CHANGES = ("run_dir", "device", "distributed", "log_freq", "ckpt_freq", "keep_last", "overwrite_run_dir",
                      "do_ckpt", "save_adapters", "do_eval", "eval_freq", "eval_lengths", "data.eval_data", "wandb.project",
                      "wandb.run_name", "wandb.key", "wandb.offline")
+
+
+def _check_data_paths(config: TrainConfig) -> None:
+    """The data files the config names exist: a codes directory, a finetune .jsonl."""
+    kind = {"codes": ("a directory of .npy code files", Path.is_dir), "finetune": ("a .jsonl file", Path.is_file)}
+    if config.data.source not in kind:
+        return
+    what, exists = kind[config.data.source]
+    for key in ("train_data", "eval_data"):
+        path = getattr(config.data, key)
+        if path and not exists(Path(path)):
+            raise FileNotFoundError(f"data.{key}={path!r}: expected {what} (data.source={config.data.source!r}); "
+                                    "not found")
 
 
 def _claim_run_dir(run_dir: Path, overwrite: bool, dist: Distributed) -> None:
