@@ -254,7 +254,7 @@ def test_the_command_line_reads_numbers_as_yaml_1_1_does_not(tmp_path, monkeypat
     config = seen["config"]
     assert config.optim.lr == 2e-6 and config.optim.weight_decay == 1e-2
     assert config.ttt.eta == 0.25 and config.ttt.chunk_size == TrainConfig().ttt.chunk_size
-    with pytest.raises(ValueError, match=r"optim.lr='fast': expected a finite number"):
+    with pytest.raises(ValueError, match=r"optim.lr='fast': expected a number"):
         TrainConfig.from_dict({"optim": {"lr": "fast"}})
 
 
@@ -378,7 +378,7 @@ def test_configs_round_trip_through_their_yaml():
     assert direct.tiny == {} and TrainConfig.from_dict(yaml.safe_load(direct.to_yaml())).tiny == {}
     with pytest.raises(ValueError, match=r"ttt.layers=\[0\] with ttt.start=0, ttt.every=2"):
         TrainConfig.from_dict({"ttt": {"layers": [0], "every": 2}})
-    with pytest.raises(ValueError, match=r"model=None: expected 'tiny'"):
+    with pytest.raises(ValueError, match=r"model=None: expected a string"):
         TrainConfig.from_dict({"model": None})
 
 
