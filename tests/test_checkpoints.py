@@ -149,6 +149,7 @@ def test_a_repo_id_the_hub_cannot_give_is_one_line(tmp_path, monkeypatch):
     (not a minute of download retries), and one line whatever the network."""
     from moshi_ttt.models import checkpoint_info
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"^runs/x: no local directory runs/x, and (the Hugging Face Hub "
-                                                r"cannot be reached \(\w+\)|no such repository on the Hugging Face Hub)$"):
+    expected = (r"^runs/x: no local directory runs/x, and (the Hugging Face Hub cannot be reached \(\w+\)"
+                r"|no such repository on the Hugging Face Hub)$")
+    with pytest.raises(FileNotFoundError, match=expected):
         checkpoint_info("runs/x")

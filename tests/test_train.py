@@ -314,6 +314,16 @@ def test_with_baseline_compares_both_runs(tmp_path, capsys):
     assert set(varied) == set(result["recall"]) and varied["TTT"]["documents_per_stream"] == 1
     assert (tmp_path / "run" / "recall" / "varied" / "recall_stream.png").is_file()
     assert "baseline trained without TTT" in varied["TTT"]["text_loss_excess"]
+    # Resumed when both are finished: nothing trains or evaluates again, the comparison stands.
+    capsys.readouterr()
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    again = trainer.train_with_baseline(run, resume=True)
+    out = capsys.readouterr().out
+    assert out.count("is finished (step 2 of 2)") == 2 and "trained model saved" not in out
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+    assert set(again["recall"]) == set(result["recall"])
+    assert set(again["recall_stream"]) == set(result["recall_stream"])
+    assert again["recall"]["TTT"]["accuracy"] == result["recall"]["TTT"]["accuracy"]
 
 
 def test_eta_warms_up_then_stays(tmp_path):

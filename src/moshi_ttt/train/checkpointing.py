@@ -41,7 +41,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a checkpoint directory (step_NNNNNN) was written after."""
+    return int(_STEP_DIR.match(checkpoint.name).group(1))
 
 
 def rng_state() -> dict[str, tp.Any]:

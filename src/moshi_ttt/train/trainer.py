@@ -33,7 +33,8 @@ from ..models.checkpoints import with_assets
 from ..models.convert import ttt_layers
 from ..utils.atomic import atomic_file
 from .batches import DocumentSource, SequenceBatcher
-from .checkpointing import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpointing import (checkpoint_step, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
+                            set_rng_state)
 from .config import TrainConfig
 from .distributed import Distributed, setup
 from .fsdp import SHARDED_DIR, consolidated_state_dict, is_sharded, local, shard_model, whole
@@ -211,8 +212,9 @@ def train_with_baseline(config: TrainConfig, resume: bool = False) -> dict[str, 
         out = Path(config.run_dir) / "recall"
         ttt, plain = compared["TTT"], compared["baseline trained without TTT"]
         span = config.ttt.update_frames
-        ttt["filler_excess"] = {length: worst_excess(s["filler_text_loss"], plain["by_length"][length]["filler_text_loss"],
-                                                     span) for length, s in ttt["by_length"].items()}
+        ttt["filler_excess"] = {
+            length: worst_excess(s["filler_text_loss"], plain["by_length"][length]["filler_text_loss"], span)
+            for length, s in ttt["by_length"].items()}
         write_recall(compared, out)
         first = next(iter(compared.values()))
         print(verdict(compared, f"held-out recall, TTT against its baseline ({first['questions']} questions):"))
@@ -247,6 +249,9 @@ def _check_baseline_model(config: TrainConfig) -> None:
 def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int | None) -> dict[str, tp.Any]:
     run_dir = Path(config.run_dir)
     _check_data_paths(config)  # before the model loads (a checkpoint may first download for minutes)
+    finished = _finished_run(config) if resume else None
+    if finished is not None:
+        return finished
     if not resume:  # before anything slow; every process checks, the main one clears
         _claim_run_dir(run_dir, config.overwrite_run_dir, dist)
     if config.wandb.project and dist.is_main:
@@ -521,6 +526,26 @@ def _gates(fast_layers: list) -> dict[str, float]:
 RESUMABLE_CHANGES = ("run_dir", "device", "distributed", "log_freq", "ckpt_freq", "keep_last", "overwrite_run_dir",
                      "do_ckpt", "save_adapters", "do_eval", "eval_freq", "eval_lengths", "data.eval_data", "wandb.project",
                      "wandb.run_name", "wandb.key", "wandb.offline")
+
+
+def _finished_run(config: TrainConfig) -> dict[str, tp.Any] | None:
+    """A run resumed after its last step trains and evaluates nothing again: it says so, and its
+    recall is read back from run_dir/recall (for --with-baseline's comparison). None: not finished."""
+    run_dir = Path(config.run_dir)
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints or checkpoint_step(checkpoints[-1]) < config.max_steps or not (run_dir / "final").is_dir():
+        return None
+    final = run_dir / "final"
+    print(f"--resume: the run in {run_dir} is finished (step {config.max_steps} of {config.max_steps}); its model "
+          f"is in {final}. Nothing to train; to score it again: moshi-ttt eval --model {final} --recall", flush=True)
+    result: dict[str, tp.Any] = {"losses": [], "run_dir": str(run_dir), "finished": True}
+    baseline = "baseline trained without TTT"
+    for key, path in (("recall", "recall.json"), ("recall_stream", "recall_stream.json"),
+                      ("recall_stream_varied", "varied/recall_stream.json")):
+        if (run_dir / "recall" / path).is_file():
+            saved = json.loads((run_dir / "recall" / path).read_text())
+            result[key] = {m: r for m, r in saved.items() if (m == baseline) == config.baseline}
+    return result
 
 
 def _check_data_paths(config: TrainConfig) -> None:
