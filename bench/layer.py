@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 from moshi.modules.gating import ActivationGating
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -115,26 +116,36 @@ def main() -> None:
     default_block = block_size_for("scan", 1, size["dim"], hidden, size["chunk"])
     scan_blocks = sorted({size["chunk"], default_block, 2 * default_block})
     rows, results = [], []
-    for T in args.lengths or size["lengths"]:
+    lengths = args.lengths or size["lengths"]
+    # Per length: the plain MLP, the In-Place TTT forms (auto, dual, each scan block, materialized), TTT-MLP twice.
+    progress = tqdm(total=len(lengths) * (6 + len(scan_blocks)), desc="layer benchmark", unit="measurement")
+
+    def measured_one(name: str, T: int, *args) -> tuple:
+        result = measure(*args)
+        progress.set_postfix_str(f"T={T} {name}")
+        progress.update()
+        return result
+    for T in lengths:
         x = torch.randn(1, T, size["dim"], device=device, dtype=dtype, requires_grad=True)
         x0 = torch.randn(1, T, size["dim"], device=device, dtype=dtype)
         grad_out = torch.randn(1, T, size["dim"], device=device, dtype=dtype)
-        measured = {"plain": measure(lambda: gating(x), gating, x, x0, grad_out, device)}
+        measured = {"plain": measured_one("plain", T, lambda: gating(x), gating, x, x0, grad_out, device)}
         # Made after the plain MLP is measured, so that its target generator is not counted there.
         layer = InPlaceTTTGating.from_gating(gating, chunk_size=size["chunk"], eta=1e-3, init="normal",
                                              init_std=0.02, clip_tau=args.clip_tau)
         candidates = {"ttt-auto": ("auto", None), "ttt-dual": ("dual", None)}
         candidates.update({f"ttt-scan-{block}": ("scan", block) for block in scan_blocks})
         for name, (algorithm, block) in candidates.items():
-            measured[name] = measure(lambda a=algorithm, b=block, m=layer: ttt_forward(m, a, b, x, x0),
-                                     layer, x, x0, grad_out, device)
-        measured["materialized"] = measure(lambda m=layer: materialized_ttt(m, x, x0), layer, x, x0, grad_out, device)
+            measured[name] = measured_one(name, T, lambda a=algorithm, b=block, m=layer: ttt_forward(m, a, b, x, x0),
+                                          layer, x, x0, grad_out, device)
+        measured["materialized"] = measured_one("materialized", T, lambda m=layer: materialized_ttt(m, x, x0), layer,
+                                                x, x0, grad_out, device)
         del layer
         block = TTTMLPBlock(size["dim"], size["heads"], torch.nn.LayerNorm(size["dim"], device=device, dtype=dtype),
                             device=device, dtype=dtype).train()
         for name, group in (("ttt-mlp", block.scan_group), ("ttt-mlp-no-checkpoint", 0)):
             block.scan_group = group
-            measured[name] = measure(lambda m=block: m(x), block, x, x0, grad_out, device)
+            measured[name] = measured_one(name, T, lambda m=block: m(x), block, x, x0, grad_out, device)
         del block
         plain_ms, plain_gib, plain_flops = measured["plain"]
         for name, (ms, gib, flops) in measured.items():
@@ -147,6 +158,7 @@ def main() -> None:
             rows.append([T, name, "OOM" if out_of_memory else (ms if ms is not None else "-"),
                          gib if gib is not None else "-", entry["time_ratio"] or "-", entry["memory_ratio"] or "-",
                          entry["flop_ratio"] or "-"])
+    progress.close()
     env = environment(device)
     config = {"dim": size["dim"], "hidden": hidden, "chunk": size["chunk"], "dtype": str(dtype).split(".")[-1], "batch": 1,
               "clip_tau": args.clip_tau}

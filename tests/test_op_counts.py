@@ -56,3 +56,14 @@ def test_recomputed_scores_cost_a_product_more(make_layer):
     layer = make_layer(dim=DIM, hidden=HIDDEN, chunk_size=C, algorithm="dual", kept_scores=0,
                        dtype=torch.float32).train()
     assert counted_flops(layer) == expected_flops(T, 4 * HIDDEN + 4 * DIM)
+
+
+def test_the_layer_benchmark_shows_its_progress_on_the_meta_device(tmp_path):
+    """bench/layer.py --device meta runs on any machine; it says how far it is and how long is left."""
+    import subprocess
+    script = Path(__file__).parents[1] / "bench" / "layer.py"
+    done = subprocess.run([sys.executable, str(script), "--device", "meta", "--size", "small", "--lengths", "64",
+                           "--out", str(tmp_path / "layer.json")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "layer benchmark: 100%" in done.stderr and "9/9" in done.stderr
+    assert (tmp_path / "layer.json").is_file() and "| 64 | ttt-dual |" in done.stdout
