@@ -43,6 +43,8 @@ from .loss import loss_weights, weighted_losses
 from .modes import GROUPS, apply_mode, parameter_group
 from .validation import ValidationSet
 
+BASELINE = "baseline trained without TTT"  # the label of a baseline run's results
+
 
 def warmup_cosine(total_steps: int, warmup_share: float, step: int) -> float:
     """Learning-rate factor: linear warm-up over `warmup_share` of the steps, then a cosine to 0."""
@@ -210,7 +212,7 @@ def train_with_baseline(config: TrainConfig, resume: bool = False) -> dict[str, 
         from ..eval.recall import distance_table, verdict, worst_excess, write_recall
         compared = {**result["recall"], **result["baseline"]["recall"]}
         out = Path(config.run_dir) / "recall"
-        ttt, plain = compared["TTT"], compared["baseline trained without TTT"]
+        ttt, plain = compared["TTT"], compared[BASELINE]
         span = config.ttt.update_frames
         ttt["filler_excess"] = {
             length: worst_excess(s["filler_text_loss"], plain["by_length"][length]["filler_text_loss"], span)
@@ -229,9 +231,8 @@ def train_with_baseline(config: TrainConfig, resume: bool = False) -> dict[str, 
         from ..eval.stream_recall import stream_verdict, text_loss_excess, write_stream_recall
         compared = {**result[key], **result["baseline"][key]}
         span = config.data.synthetic.frames if key == "recall_stream" else config.ttt.update_frames
-        baseline_name = "baseline trained without TTT"
-        excess = text_loss_excess(compared, "TTT", baseline_name, span)
-        compared["TTT"]["text_loss_excess"] = {baseline_name: excess}
+        excess = text_loss_excess(compared, "TTT", BASELINE, span)
+        compared["TTT"]["text_loss_excess"] = {BASELINE: excess}
         write_stream_recall(compared, Path(config.run_dir) / "recall" / directory)
         print(stream_verdict(compared))
         print(f"TTT's text loss against the baseline's, worst mean over {span} frames: "
@@ -539,12 +540,11 @@ def _finished_run(config: TrainConfig) -> dict[str, tp.Any] | None:
     print(f"--resume: the run in {run_dir} is finished (step {config.max_steps} of {config.max_steps}); its model "
           f"is in {final}. Nothing to train; to score it again: moshi-ttt eval --model {final} --recall", flush=True)
     result: dict[str, tp.Any] = {"losses": [], "run_dir": str(run_dir), "finished": True}
-    baseline = "baseline trained without TTT"
     for key, path in (("recall", "recall.json"), ("recall_stream", "recall_stream.json"),
                       ("recall_stream_varied", "varied/recall_stream.json")):
         if (run_dir / "recall" / path).is_file():
             saved = json.loads((run_dir / "recall" / path).read_text())
-            result[key] = {m: r for m, r in saved.items() if (m == baseline) == config.baseline}
+            result[key] = {m: r for m, r in saved.items() if (m == BASELINE) == config.baseline}
     return result
 
 
@@ -710,7 +710,7 @@ class RecallProbe:
 
     def _with_ttt_off(self, lm: LMModel, score: tp.Callable[[], dict[str, tp.Any]]) -> dict[str, dict[str, tp.Any]]:
         """{model: score()} for the trained model and, for TTT, the same weights with TTT off."""
-        name = "baseline trained without TTT" if self.config.baseline else "TTT"
+        name = BASELINE if self.config.baseline else "TTT"
         results = {name: score()}
         if ttt_layers(lm):
             with ttt_disabled(lm):
