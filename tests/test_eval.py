@@ -322,17 +322,83 @@ def test_eval_command_scores_recall_over_a_stream(model_dir, tmp_path):
         assert (out / name).is_file(), name
     text = (report / "report.md").read_text()
     assert "## Recall over a long conversation" in text and (report / "recall_stream.png").is_file()
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="--recall-stream=-1: expected"):
         eval_command(["--model", str(model_dir), "--out", str(out), "--recall-stream", "-1"])
 
 
-def test_eval_command_refuses_what_it_cannot_do(model_dir, tmp_path):
-    out = str(tmp_path / "out")
-    with pytest.raises(SystemExit, match="both get the label 'x'"):
-        eval_command(["--model", "x/final", "--model", "y/x/final", "--out", out, "--recall"])
-    with pytest.raises(SystemExit):
-        eval_command(["--model", str(model_dir), "--out", out])  # nothing to evaluate
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("arguments, shown", [
+    (["--model", "x/final", "--model", "y/x/final", "--recall"], "both get the label 'x'"),
+    (["--model", "{model}"], "nothing to evaluate"),
+    (["--model", "{model}", "--recall-stream", "-1"], "--recall-stream=-1: expected"),
+    (["--model", "{model}", "--model", "{tmp}/runs/missing", "--recall"], "runs/missing: no such checkpoint"),
+    (["--model", "{model}", "--recall", "--out", "{tmp}/held"], "held: already holds results.json; give another "
+                                                                "directory, or --overwrite"),
+    (["--model", "{model}", "--recall", "--report", "{tmp}/held"], "--report {tmp}/held: already holds"),
+    (["--model", "{model}", "--recall", "--out", "{tmp}/held/results.json", "--overwrite"], "is a file"),
+])
+def test_a_bad_eval_is_one_line_status_2_and_writes_nothing(model_dir, tmp_path, capsys, arguments, shown):
+    from moshi_ttt.cli import main
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held" / "results.json").write_text("earlier results")
+    before = sorted(tmp_path.rglob("*"))
+    argv = [a.format(model=model_dir, tmp=tmp_path) for a in arguments]
+    argv += [] if "--out" in argv else ["--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as stopped:
+        main(["eval", *argv])
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and len(error.strip().splitlines()) == 1, error
+    assert error.startswith("moshi-ttt eval: error: ") and shown.format(tmp=tmp_path) in error
+    assert sorted(tmp_path.rglob("*")) == before
+    assert (tmp_path / "held" / "results.json").read_text() == "earlier results"
+
+
+def test_eval_says_what_it_measured_and_where_and_replaces_only_when_asked(model_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    from moshi_ttt.eval import command
+    out = tmp_path / "out"
+    (out / "report").mkdir(parents=True)
+    (out / "old.csv").write_text("earlier results")
+    argv = ["--model", str(model_dir), "--out", str(out), "--report", str(out / "report"), "--recall",
+            "--recall-frames", "40", "--recall-facts", "2", "--recall-spacing", "4", "--recall-documents", "2",
+            "--no-ttt-off", "--overwrite", "--device", "cpu", "--dtype", "float32"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:  # an evaluation that stops half-way changes nothing
+        patch.setattr(command, "_recall", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            eval_command(argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "plain", "ttt"]
+    assert sorted(p.name for p in out.iterdir()) == ["old.csv", "report"]
+    capsys.readouterr()
+    eval_command(argv)
+    printed = capsys.readouterr().out
+    assert "recall of facts on held-out documents" in printed and "{" not in printed
+    assert f"results in {out}: recall.csv, recall.json, recall.png, report, results.json" in printed
+    assert f"report: {out / 'report' / 'report.md'}" in printed
+    assert (out / "report" / "report.md").is_file() and not (out / "old.csv").exists()
+
+
+def test_an_unlabelled_model_is_named_by_what_it_holds(model_dir, tmp_path):
+    from moshi_ttt.eval.command import model_labels
+    ttt_config = (model_dir / "config.json").read_text()
+    plain_config = json.loads(ttt_config)
+    del plain_config["ttt"]
+    for run, config, trained in (("train", ttt_config, None), ("train/baseline", json.dumps(plain_config), True),
+                                 ("other", ttt_config, None), ("moshi", json.dumps(plain_config), None)):
+        (tmp_path / run / "final").mkdir(parents=True)
+        (tmp_path / run / "final" / "config.json").write_text(config)
+        if trained is not None:
+            (tmp_path / run / "config.yaml").write_text(f"baseline: {str(trained).lower()}\n")
+    train, baseline, other, moshi = (str(tmp_path / run / "final") for run in ("train", "train/baseline",
+                                                                                "other", "moshi"))
+    assert model_labels([train, baseline]) == [("ttt", train), ("baseline", baseline)]
+    assert model_labels([train, other, moshi]) == [("ttt (train)", train), ("ttt (other)", other),
+                                                   ("moshi", moshi)]
+    mlp = json.loads(ttt_config)
+    mlp["ttt"] = [dict(mlp["ttt"], method="ttt_mlp"), mlp["ttt"]]
+    (tmp_path / "other" / "final" / "config.json").write_text(json.dumps(mlp))
+    assert model_labels([other]) == [("ttt+ttt-mlp", other)]
 
 
 def test_model_labels(tmp_path):

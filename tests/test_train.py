@@ -1,5 +1,6 @@
 """`moshi-ttt train`: learning, exact resume, torchrun, modes, checkpoints."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -158,7 +159,6 @@ def test_bad_config_names_the_field(data, match):
 
 def _every_key():
     """(dotted key, a value of the wrong type for it) for every key of every config section."""
-    import dataclasses
     import types
     import typing as tp
     from moshi_ttt.models.tiny import tiny_lm_config
@@ -320,10 +320,13 @@ def test_with_baseline_compares_both_runs(tmp_path, capsys):
     again = trainer.train_with_baseline(run, resume=True)
     out = capsys.readouterr().out
     assert out.count("is finished (step 2 of 2)") == 2 and "trained model saved" not in out
+    assert_a_runnable_eval_hint(out)
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
     assert set(again["recall"]) == set(result["recall"])
     assert set(again["recall_stream"]) == set(result["recall_stream"])
     assert again["recall"]["TTT"]["accuracy"] == result["recall"]["TTT"]["accuracy"]
+    with pytest.raises(ValueError, match=r"was started with other settings \(seed: 0 -> 1\)"):
+        trainer.train_with_baseline(dataclasses.replace(run, seed=1), resume=True)
 
 
 def test_eta_warms_up_then_stays(tmp_path):
@@ -495,6 +498,16 @@ def test_ctrl_c_in_the_final_evaluation_keeps_the_model_and_says_how_to_score_it
     out = capsys.readouterr().out
     assert f"SIGINT during the final evaluation: the trained model is in {tmp_path / 'run' / 'final'}" in out
     assert (tmp_path / "run" / "final" / "config.json").is_file()
+    assert_a_runnable_eval_hint(out)
+
+
+def assert_a_runnable_eval_hint(printed: str) -> None:
+    """The `moshi-ttt eval ...` the trainer suggests parses, and its --out can take the results."""
+    import shlex
+    from moshi_ttt.eval.command import _unusable_output, eval_parser
+    hint = printed[printed.index("`moshi-ttt eval"):].split("`")[1]
+    args = eval_parser().parse_args(shlex.split(hint)[2:])
+    assert args.recall and Path(args.model[0]).is_dir() and _unusable_output(args.out, overwrite=False) is None
 
 
 def test_a_used_run_dir_is_never_clobbered(tmp_path):
@@ -550,7 +563,7 @@ def test_a_trained_model_points_to_the_mimi_and_tokenizer_it_was_trained_with(tm
         np.float32), 24000)
     results = eval_command(["--model", str(final), "--long-audio", str(tmp_path / "long"), "--out",
                             str(tmp_path / "eval"), "--device", "cpu", "--dtype", "float32", "--no-ttt-off"])
-    assert results["long_context"]["summary"]["run"]["documents"] == 1
+    assert results["long_context"]["summary"]["ttt"]["documents"] == 1
 
 
 def test_a_ttt_section_with_a_ttt_model_is_applied_or_refused(tmp_path):

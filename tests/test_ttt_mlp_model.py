@@ -191,7 +191,7 @@ def test_eval_command_on_a_mixed_model(tmp_path):
         shutil.copy(plain / name, tmp_path / "ttt" / name)
     for i in range(2):
         write_wav(tmp_path / "long" / f"book{i}.wav", 4.0 + i, 10 + i)
-    results = eval_command(["--model", str(tmp_path / "ttt"), "--out", str(tmp_path / "out"),
+    results = eval_command(["--model", f"ttt={tmp_path / 'ttt'}", "--out", str(tmp_path / "out"),
                             "--long-audio", str(tmp_path / "long"), "--diagnostics-frames", "40",
                             "--device", "cpu", "--dtype", "float32"])
     assert results["activity"]["ttt"]["active"]

@@ -8,13 +8,17 @@ the same way without TTT (`moshi-ttt train --set baseline=true`), given as anoth
 """
 
 import argparse
+import collections
+import contextlib
 import datetime
 import json
 import typing as tp
 from pathlib import Path
 
+import yaml
+
 from ..train.config import SyntheticConfig  # no torch: `--help` answers at once
-from ..utils.atomic import atomic_file
+from ..utils.atomic import atomic_dir, atomic_file
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -25,9 +29,13 @@ def eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moshi-ttt eval", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--model", action="append", required=True, metavar="[LABEL=]PATH",
                         help="a TTT (or plain) Moshi checkpoint directory or HF repo, optionally labelled; "
-                             "repeat to compare (default label: the directory's name, its parent's for 'final')")
-    parser.add_argument("--out", type=Path, required=True, help="directory for the results (CSV, JSON, PNG)")
+                             "repeat to compare (default label: what the directory holds, ttt, ttt-mlp, "
+                             "baseline or moshi, with the run's name where two would share one)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="directory for the results (CSV, JSON, PNG), written once the evaluation is done")
     parser.add_argument("--report", type=Path, help="directory for a Markdown report of everything")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an --out (and --report) that already holds files")
     parser.add_argument("--no-ttt-off", action="store_true",
                         help="skip the TTT-off diagnostic (same weights, TTT switched off) of TTT models")
     recall = parser.add_argument_group("recall of facts (held-out synthetic documents)")
@@ -82,58 +90,128 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def eval_command(argv: list[str]) -> dict[str, tp.Any]:
-    parser = eval_parser()
-    args = parser.parse_args(argv)
+    args = eval_parser().parse_args(argv)
     args.labels = model_labels(args.model)
     for name in ("recall_documents", "recall_spacing", "recall_streams", "batch_size"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: expected an integer >= 1")
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected an integer >= 1")
     if args.recall_stream < 0:
-        parser.error(f"--recall-stream={args.recall_stream}: expected a number of documents >= 1, or 0 (off)")
+        raise ValueError(f"--recall-stream={args.recall_stream}: expected a number of documents >= 1, or 0 (off)")
     args.recall = args.recall or args.recall_codes is not None or args.recall_stream > 0
+    if not (args.recall or args.long_audio or args.long_codes or args.zerospeech or args.sstorycloze
+            or args.tstorycloze):
+        raise ValueError("nothing to evaluate: give --recall, --long-audio, --long-codes, --zerospeech, "
+                         "--sstorycloze or --tstorycloze")
+    if args.diagnostics_frames and not (args.long_audio or args.long_codes):
+        raise ValueError("--diagnostics-frames runs on the long documents: give --long-audio or --long-codes")
+    for option, path in (("--out", args.out), ("--report", args.report)):
+        if path is not None and (problem := _unusable_output(path, args.overwrite)):
+            raise ValueError(f"{option} {path}: {problem}")
+    from ..models import checkpoint_info
+    for _, source in args.labels:  # every model found before the first is evaluated
+        checkpoint_info(source)
     import torch
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     args.dtype = ("bfloat16" if args.device.startswith("cuda") else "float32") if args.dtype == "auto" else args.dtype
-    if not (args.recall or args.long_audio or args.long_codes or args.zerospeech or args.sstorycloze
-            or args.tstorycloze):
-        parser.error("nothing to evaluate: give --recall, --long-audio, --long-codes, --zerospeech, "
-                     "--sstorycloze or --tstorycloze")
-    if args.diagnostics_frames and not (args.long_audio or args.long_codes):
-        parser.error("--diagnostics-frames runs on the long documents: give --long-audio or --long-codes")
     return run_eval(args)
 
 
+def _unusable_output(path: Path, overwrite: bool) -> str | None:
+    """Why `path` cannot take the results (None: it can)."""
+    if path.exists() and not path.is_dir():
+        return "is a file, not a directory"
+    held = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if held and not overwrite:
+        listed = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        return f"already holds {listed}; give another directory, or --overwrite to replace it"
+    return None
+
+
 def model_labels(sources: list[str]) -> list[tuple[str, str]]:
-    """(label, source) of each --model [LABEL=]PATH; labels must differ."""
+    """(label, source) of each --model [LABEL=]PATH; labels must differ.
+
+    An unlabelled model is named by what it is (`checkpoint_kind`), with its run's name
+    added where two models are of one kind; one whose kind cannot be read, by its name."""
+    given: list[tuple[str | None, str]] = []
+    for text in sources:
+        label, sep, source = text.partition("=")
+        plain_path = not sep or "/" in label or Path(text).exists()  # a path with "=" in it is still a path
+        given.append((None, text) if plain_path else (label, source))
+    kinds = {source: checkpoint_kind(Path(source)) for label, source in given if label is None}
+    per_kind = collections.Counter(kinds.values())
     labelled = []
-    for given in sources:
-        label, sep, source = given.partition("=")
-        if not sep or "/" in label or Path(given).exists():  # a path with "=" in it is still a path
-            path = Path(given)
-            label = (path.parent.name if path.name == "final" and path.parent.name else path.name) or given
-            source = given
+    for label, source in given:
+        if label is None:
+            path, kind = Path(source), kinds[source]
+            name = (path.parent.name if path.name == "final" and path.parent.name else path.name) or source
+            label = name if kind is None else kind if per_kind[kind] == 1 else f"{kind} ({name})"
         labelled.append((label, source))
     seen: dict[str, str] = {}
     for label, source in labelled:
         if label in seen:
-            raise SystemExit(f"--model: {seen[label]} and {source} both get the label {label!r}; "
+            raise ValueError(f"--model: {seen[label]} and {source} both get the label {label!r}; "
                              f"name them, e.g. --model ttt={seen[label]} --model baseline={source}")
         seen[label] = source
     return labelled
 
 
+def checkpoint_kind(path: Path) -> str | None:
+    """ttt, ttt-mlp (or both, joined by +) for a saved TTT model; baseline for a plain Moshi
+    that `moshi-ttt train` trained as one; moshi for another plain one; None where `path`
+    has no readable config.json (a hub repo, a mistyped path: loading it will say)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    saved = config.get("ttt") if isinstance(config, dict) else None
+    if saved is not None:
+        methods = {c.get("method", "inplace") for c in (saved if isinstance(saved, list) else [saved])}
+        return "+".join(sorted("ttt" if m == "inplace" else m.replace("_", "-") for m in methods))
+    run_dir = path.parent if path.name == "final" else path
+    try:
+        trained = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return "moshi"
+    return "baseline" if isinstance(trained, dict) and trained.get("baseline") is True else "moshi"
+
+
 def run_eval(args: argparse.Namespace) -> dict[str, tp.Any]:
+    """Evaluate every model; the results (and the report) appear only once all of it is done."""
+    from .report import write_report
+    with atomic_dir(args.out) as staging, _staged_report(args.report, args.out, staging) as report:
+        results, plots = _evaluate(args, staging)
+        if report is not None:
+            write_report(report, results, plots)
+        written = sorted(p.name for p in staging.iterdir())
+    print("\n".join(_summary(results)))
+    print(f"results in {args.out}: {', '.join(written)}")
+    if args.report is not None:
+        print(f"report: {args.report / 'report.md'}")
+    return results
+
+
+@contextlib.contextmanager
+def _staged_report(report: Path | None, out: Path, staged_out: Path) -> tp.Iterator[Path | None]:
+    """Where to write the report: in the staged --out when it lies inside --out, else staged apart."""
+    inside = report is not None and report.resolve().is_relative_to(out.resolve())
+    if report is None or inside:
+        yield None if report is None else staged_out / report.resolve().relative_to(out.resolve())
+        return
+    with atomic_dir(report) as staged:
+        yield staged
+
+
+def _evaluate(args: argparse.Namespace, out: Path) -> tuple[dict[str, tp.Any], list[Path]]:
+    """Score every model and write the results' files into `out`; (results, plots)."""
     import torch
 
     from ..models import set_ttt_enabled, ttt_layers
     from .benchmarks import score_pairs, storycloze_pairs, zerospeech_pairs
     from .diagnostics import activity, ttt_diagnostics, write_diagnostics
     from .long_context import evaluate_documents, write_curves
-    from .report import write_report
     from .stream_recall import stream_recall
 
     dtype = getattr(torch, args.dtype)
-    args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, tp.Any] = {
         "environment": f"{_device_name(args.device)}, torch {torch.__version__}, {datetime.date.today()}",
         "models": {}, "benchmarks": {}, "activity": {}, "diagnostics": {}}
@@ -177,11 +255,11 @@ def run_eval(args: argparse.Namespace) -> dict[str, tp.Any]:
     if recall_results:
         from .recall import verdict, write_recall
         results["recall"] = recall_results
-        plots += write_recall(recall_results, args.out)
+        plots += write_recall(recall_results, out)
         print(verdict(recall_results, "recall of facts on held-out documents:"))
     if stream_results:
         from .stream_recall import stream_verdict, text_loss_excess, write_stream_recall
-        plots += write_stream_recall(stream_results, args.out)
+        plots += write_stream_recall(stream_results, out)
         first = next(iter(stream_results.values()))
         span = first["frames"] // first["documents_per_stream"]  # one document's frames, on average
         results["recall_stream"] = {
@@ -191,23 +269,36 @@ def run_eval(args: argparse.Namespace) -> dict[str, tp.Any]:
             for model, s in stream_results.items()}
         print(stream_verdict(stream_results))
     if curves:
-        results["long_context"] = write_curves(curves, args.out, positions=args.positions, context=context)
-        plots.append(args.out / "loss_by_position.png")
+        results["long_context"] = write_curves(curves, out, positions=args.positions, context=context)
+        plots.append(out / "loss_by_position.png")
         results["long_context"] = {k: v for k, v in results["long_context"].items() if k != "curves"}
     if results["diagnostics"]:
-        plots += write_diagnostics(results["diagnostics"], args.out, chunk_sizes)
+        plots += write_diagnostics(results["diagnostics"], out, chunk_sizes)
     if results["benchmarks"]:
-        with atomic_file(args.out / "benchmarks.json") as tmp:
+        with atomic_file(out / "benchmarks.json") as tmp:
             tmp.write_text(json.dumps(results["benchmarks"], indent=1))
-    with atomic_file(args.out / "results.json") as tmp:
+    with atomic_file(out / "results.json") as tmp:
         tmp.write_text(json.dumps({k: v for k, v in results.items() if k != "benchmarks"}, indent=1))
-    summary = {model: {b: {k: v for k, v in r.items() if k.startswith("accuracy")} for b, r in per.items()}
-               for model, per in results["benchmarks"].items()}
-    print(json.dumps({"benchmarks": summary, "long_context": results.get("long_context", {}).get("summary", {}),
-                      "activity": results["activity"]}, indent=1))
-    if args.report is not None:
-        print(f"report written to {write_report(args.report, results, plots)}")
-    return results
+    return results, plots
+
+
+def _summary(results: dict[str, tp.Any]) -> list[str]:
+    """The headline figures of the benchmarks, the loss against position and the fast weights'
+    activity, where measured (recall prints its own table)."""
+    lines = []
+    for model, per_benchmark in results["benchmarks"].items():
+        scores = ", ".join(f"{b} {100 * r['accuracy_sum']:.1f}% (sum) {100 * r['accuracy_mean']:.1f}% (mean)"
+                           for b, r in per_benchmark.items())
+        lines.append(f"spoken-LM benchmarks, {model}: {scores} (chance 50%)")
+    for model, s in results.get("long_context", {}).get("summary", {}).items():
+        lines.append(f"loss against position, {model}: audio CE {s['early_quarter_mean']:.3f} in the first quarter, "
+                     f"{s['late_quarter_mean']:.3f} in the last, slope {s['slope_per_1000_frames']:+.3f} per "
+                     f"1000 frames ({s['documents']} documents)")
+    for model, a in results["activity"].items():
+        moved = ", ".join(f"{layer} {s['max']:.3g}" for layer, s in a["layers"].items())
+        lines.append(f"fast weights of {model}: {'moved' if a['active'] else 'did not all move'} from W0 "
+                     f"(largest change per layer: {moved})")
+    return lines
 
 
 def _recall_sets(args, lm) -> list:

@@ -391,7 +391,8 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, stop_after: int
                 result.update(_final_recall(config, probe, lm, run_dir / "recall"))
             except KeyboardInterrupt:
                 print(f"\nSIGINT during the final evaluation: the trained model is in {run_dir / 'final'}; "
-                      f"score it alone with `moshi-ttt eval --model {run_dir / 'final'} --recall`.", flush=True)
+                      f"score it alone with `moshi-ttt eval --model {run_dir / 'final'} --recall --out {run_dir / 'eval'}`.",
+                      flush=True)
                 raise SystemExit(128 + signal.SIGINT) from None
     return result
 
@@ -536,9 +537,11 @@ def _finished_run(config: TrainConfig) -> dict[str, tp.Any] | None:
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints or checkpoint_step(checkpoints[-1]) < config.max_steps or not (run_dir / "final").is_dir():
         return None
+    _check_same_settings(run_dir, checkpoints[-1], config)
     final = run_dir / "final"
     print(f"--resume: the run in {run_dir} is finished (step {config.max_steps} of {config.max_steps}); its model "
-          f"is in {final}. Nothing to train; to score it again: moshi-ttt eval --model {final} --recall", flush=True)
+          f"is in {final}. Nothing to train; to score it again: "
+          f"`moshi-ttt eval --model {final} --recall --out {run_dir / 'eval'}`", flush=True)
     result: dict[str, tp.Any] = {"losses": [], "run_dir": str(run_dir), "finished": True}
     for key, path in (("recall", "recall.json"), ("recall_stream", "recall_stream.json"),
                       ("recall_stream_varied", "varied/recall_stream.json")):
@@ -581,12 +584,9 @@ def _claim_run_dir(run_dir: Path, overwrite: bool, dist: Distributed) -> None:
     dist.barrier()
 
 
-def _resume(run_dir: Path, config: TrainConfig, lm: LMModel, optimizer, schedule, batcher: SequenceBatcher,
-            dist: Distributed) -> int:
-    checkpoints = list_checkpoints(run_dir)
-    if not checkpoints:
-        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-    started = _flat(TrainConfig.from_dict(yaml.safe_load((checkpoints[-1] / "config.yaml").read_text())).to_dict())
+def _check_same_settings(run_dir: Path, checkpoint: Path, config: TrainConfig) -> None:
+    """A resumed run keeps the settings it was started with (but those of RESUMABLE_CHANGES)."""
+    started = _flat(TrainConfig.from_dict(yaml.safe_load((checkpoint / "config.yaml").read_text())).to_dict())
     now = _flat(config.to_dict())
     changed = [key for key in sorted(set(started) | set(now))
                if key not in RESUMABLE_CHANGES and started.get(key) != now.get(key)]
@@ -594,6 +594,14 @@ def _resume(run_dir: Path, config: TrainConfig, lm: LMModel, optimizer, schedule
         listed = ", ".join(f"{k}: {started.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
         raise ValueError(f"--resume: the run in {run_dir} was started with other settings ({listed}); resume it "
                          "with its own config (its config.yaml), or start a new run in another run_dir")
+
+
+def _resume(run_dir: Path, config: TrainConfig, lm: LMModel, optimizer, schedule, batcher: SequenceBatcher,
+            dist: Distributed) -> int:
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+    _check_same_settings(run_dir, checkpoints[-1], config)
     state = load_checkpoint(checkpoints[-1], lm, optimizer)
     schedule.load_state_dict(state["schedule"])
     batcher.load_state_dict(state["data"])
